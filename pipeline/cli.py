@@ -1,0 +1,81 @@
+"""The kdcache command line: thin. Each command parses flags and calls one plain function.
+
+Torch and transformers are imported inside the commands that need them, so `inspect` and `verify` stay fast.
+Domain errors (ValueError subclasses, missing files) become one-line `click.ClickException`s here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+
+import click
+
+from storage.format import CacheError
+
+
+def domain_errors(fn):
+    """Turn expected failures into a one-line message and a non-zero exit, without a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except click.ClickException:
+            raise
+        except (CacheError, ValueError, FileNotFoundError, IndexError, OSError) as e:
+            raise click.ClickException(" ".join(str(e).split()) or type(e).__name__) from None
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+def main() -> None:
+    """kdcache: run the teacher once, cache what it knows, train many students from the cache."""
+
+
+@main.command()
+@click.argument("cache", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@domain_errors
+def inspect(cache: str, as_json: bool) -> None:
+    """Summary of CACHE: teacher, tokenizer, mode, rows, tokens, bytes per token, shards."""
+    from storage.verify import format_summary, summarize
+
+    s = summarize(cache)
+    click.echo(json.dumps(s, indent=2) if as_json else format_summary(s))
+
+
+@main.command()
+@click.argument("cache", type=click.Path())
+@click.option("--row", default=0, show_default=True, help="Row index to show.")
+@click.option("--top", default=5, show_default=True, help="Alternatives shown per position.")
+@click.option("--tokenizer", default=None, help="Tokenizer to decode with (default: the one the cache records).")
+@click.option("--max-tokens", default=200, show_default=True, help="Positions shown at most.")
+@domain_errors
+def show(cache: str, row: int, top: int, tokenizer: str | None, max_tokens: int) -> None:
+    """One row of CACHE decoded: each token with the teacher's top alternatives and their probabilities."""
+    from pipeline.show import format_row
+
+    click.echo(format_row(cache, row, top=top, tokenizer=tokenizer, max_tokens=max_tokens))
+
+
+@main.command()
+@click.argument("cache", type=click.Path())
+@domain_errors
+def verify(cache: str) -> None:
+    """Re-hash every shard of CACHE and check every invariant; exit 1 with one line per fault."""
+    from storage.verify import verify_cache
+
+    faults = verify_cache(cache)
+    if faults:
+        for f in faults:
+            click.echo(f"FAULT {f}", err=True)
+        click.echo(f"{cache}: {len(faults)} fault(s)", err=True)
+        sys.exit(1)
+    click.echo(f"{cache}: OK")
+
+
+if __name__ == "__main__":
+    main()

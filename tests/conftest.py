@@ -1,0 +1,48 @@
+import os
+import sys
+
+import pytest
+
+# Two cores: one torch thread per process keeps tests beside each other from oversubscribing the machine.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+sys.path.insert(0, os.path.dirname(__file__))
+
+from storage.format import CacheHeader  # noqa: E402
+from storage.writer import CacheWriter  # noqa: E402
+from rowgen import random_rows  # noqa: E402
+
+
+def write_cache(path, header, shards, seed=0):
+    """A complete cache with one shard per list of row lengths; returns the rows written per shard."""
+    written, first = [], 0
+    with CacheWriter(str(path), header) as w:
+        for unit, lengths in enumerate(shards):
+            rows = random_rows(header, lengths, seed=seed + unit, first_seq_id=first)
+            first += len(lengths)
+            with w.shard(unit) as s:
+                s.write(rows)
+            written.append(rows)
+        w.finalize()
+    return written
+
+
+@pytest.fixture
+def topk_header():
+    return CacheHeader(mode="topk", vocab_size=300, k=8, teacher={"id": "tiny-teacher"},
+                       tokenizer={"fingerprint": "abc", "vocab_size": 300})
+
+
+@pytest.fixture
+def sample_header():
+    return CacheHeader(mode="sample", vocab_size=300, draws=20, teacher={"id": "tiny-teacher"},
+                       tokenizer={"fingerprint": "abc", "vocab_size": 300})
+
+
+@pytest.fixture
+def small_cache(tmp_path, topk_header):
+    path = tmp_path / "cache"
+    write_cache(path, topk_header, [[5, 3, 0, 7], [4, 1], [6, 6, 2]])
+    return str(path)
