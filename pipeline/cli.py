@@ -36,6 +36,45 @@ def main() -> None:
 
 
 @main.command()
+@click.argument("teacher")
+@click.argument("data")
+@click.option("-o", "--output", required=True, help="Cache directory to write.")
+@click.option("--revision", default=None, help="Hub revision of the teacher.")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+              show_default=True, help="auto: bf16 on CUDA, fp32 on CPU.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
+@click.option("--split", default="train", show_default=True)
+@click.option("--text-field", default="text", show_default=True)
+@click.option("--messages-field", default="messages", show_default=True, help="Chat column, used when there is no text column.")
+@click.option("--txt-sample-by", type=click.Choice(["document", "paragraph", "line"]), default="document",
+              show_default=True, help="How .txt files are split into rows.")
+@click.option("--limit", type=int, default=None, help="Use the first N rows only.")
+@click.option("--max-length", type=int, default=None, help="Sequence length (default: teacher context, at most 2048).")
+@click.option("--pack", is_flag=True, help="Concatenate short documents (EOS-separated) into full-length rows.")
+@click.option("--mode", type=click.Choice(["topk", "sample"]), default="topk", show_default=True)
+@click.option("--top-k", type=int, default=64, show_default=True)
+@click.option("--draws", type=int, default=50, show_default=True, help="Draws per position in sample mode.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch-tokens", type=int, default=16_384, show_default=True, help="Padded tokens per teacher batch.")
+@click.option("--unit-rows", type=int, default=2_048, show_default=True, help="Sequences per work unit (= shard).")
+@click.option("--overwrite", is_flag=True, help="Replace a cache written with other settings.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--num-proc", type=int, default=None, help="Tokenizer processes.")
+@domain_errors
+def capture(teacher: str, data: str, output: str, **flags) -> None:
+    """Teacher-forced top-k or sampled distributions of TEACHER over DATA, written to a cache."""
+    from pipeline.capture import CaptureConfig, capture as run_capture
+
+    result = run_capture(CaptureConfig(teacher=teacher, data=data, output=output, **flags))
+    if result.already_complete:
+        click.echo(f"{output} is already complete; nothing to do (use --overwrite to capture again)")
+    elif result.stats:
+        click.echo(f"{output}: {result.rows:,} rows, {result.tokens:,} tokens in {result.seconds:.1f}s "
+                   f"({result.stats['tokens_per_s']:,.0f} tok/s), padding {result.padding_fraction:.1%}, "
+                   f"{result.empty_rows} empty rows skipped")
+
+
+@main.command()
 @click.argument("cache", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @domain_errors

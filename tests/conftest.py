@@ -1,3 +1,4 @@
+import json
 import os
 import sys
 
@@ -45,4 +46,26 @@ def sample_header():
 def small_cache(tmp_path, topk_header):
     path = tmp_path / "cache"
     write_cache(path, topk_header, [[5, 3, 0, 7], [4, 1], [6, 6, 2]])
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory):
+    from models import make_teacher
+
+    return make_teacher(str(tmp_path_factory.mktemp("teacher") / "gpt2-tiny"))
+
+
+@pytest.fixture(scope="session")
+def text_data(tmp_path_factory):
+    """A jsonl file of short Shakespeare passages of varied length, with one empty row."""
+    from models import shakespeare_lines
+
+    lines = shakespeare_lines(240)
+    rows = [{"text": " ".join(lines[i : i + 1 + i % 7])} for i in range(0, 240, 4)]
+    rows.insert(5, {"text": "   "})
+    path = tmp_path_factory.mktemp("data") / "plays.jsonl"
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
     return str(path)
