@@ -75,6 +75,69 @@ def capture(teacher: str, data: str, output: str, **flags) -> None:
 
 
 @main.command()
+@click.argument("caches", nargs=-1, required=True)
+@click.option("-o", "--output", required=True, help="RUN directory: the student, checkpoints, metrics.")
+@click.option("--student", required=True, help="Pretrained model, or a config.json / folder with a config to start fresh.")
+@click.option("--loss", default="fkl", show_default=True, help="fkl, rkl, skl, srkl, jsd, tvd or akl.")
+@click.option("--tail", default="ghost", show_default=True, help="Top-k tail: ghost, renorm or label.")
+@click.option("--ce-weight", type=float, default=0.5, show_default=True, help="Weight of CE on the ground truth.")
+@click.option("--temperature", type=float, default=1.0, show_default=True)
+@click.option("--beta", type=float, default=0.5, show_default=True, help="Generalised JSD mixture.")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Rows per device batch.")
+@click.option("--max-steps", type=int, default=None)
+@click.option("--epochs", type=float, default=None)
+@click.option("--grad-accum", type=int, default=None)
+@click.option("--lr", type=float, default=None)
+@click.option("--warmup", type=int, default=None, help="Warm-up steps.")
+@click.option("--weight-decay", type=float, default=None)
+@click.option("--seed", type=int, default=None)
+@click.option("--save-steps", type=int, default=None)
+@click.option("--eval-steps", type=int, default=None)
+@click.option("--logging-steps", type=int, default=None)
+@click.option("--bf16", is_flag=True, default=None)
+@click.option("--num-workers", type=int, default=None, help="DataLoader workers.")
+@click.option("--eval-data", default=None, help="Held-out text evaluated during training.")
+@click.option("--max-eval-rows", type=int, default=None)
+@click.option("--trainer-args", default=None, help="JSON or YAML file of further TrainingArguments fields.")
+@click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in RUN.")
+@click.option("--overwrite", is_flag=True, help="Replace the run in RUN.")
+@click.option("--allow-mixed-teachers", is_flag=True)
+@click.option("--report-to", default="none", show_default=True, help="none, tensorboard, wandb ...")
+@click.option("--quiet", is_flag=True)
+@domain_errors
+def train(caches: tuple[str, ...], output: str, **flags) -> None:
+    """Train a student from one or more CACHES (each optionally PATH:WEIGHT)."""
+    from pipeline.train import TrainConfig, train as run_train
+
+    summary = run_train(TrainConfig(caches=list(caches), output=output, **flags))
+    metrics = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                       for k, v in summary["final_metrics"].items())
+    click.echo(f"student saved in {output}: {metrics}")
+
+
+@main.command(name="eval")
+@click.argument("model")
+@click.argument("data", required=False)
+@click.option("--cache", default=None, help="A cache of DATA: adds the KL from its teacher.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--max-length", type=int, default=None)
+@click.option("--limit", type=int, default=None)
+@click.option("--device", default="auto", show_default=True)
+@domain_errors
+def eval_(model: str, data: str | None, cache: str | None, as_json: bool, **flags) -> None:
+    """Perplexity of MODEL on DATA, and KL to the teacher where a cache is given."""
+    from pipeline.evaluate import evaluate
+
+    result = evaluate(model, data, cache, **flags)
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        kl = "" if result["kl_to_teacher"] is None else f"  KL to teacher {result['kl_to_teacher']:.4f}"
+        click.echo(f"perplexity {result['perplexity']:.3f} over {result['tokens']:,} tokens{kl}")
+
+
+@main.command()
 @click.argument("cache", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @domain_errors

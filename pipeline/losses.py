@@ -12,6 +12,8 @@ no (batch, length, vocab) teacher tensor ever exists. Divergences are then compu
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -20,9 +22,18 @@ TAILS = ("ghost", "renorm", "label")
 _TINY = 1e-10
 
 
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """fp16/bf16 -> fp32 for the arithmetic; fp32 and fp64 stay as they are (fp64 for gradcheck)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(x)) for x <= 0, stable at both ends (Maechler 2012); -inf at x = 0."""
-    x = x.clamp(max=0.0)
+    """log(1 - exp(x)) for x < 0, stable at both ends (Maechler 2012).
+
+    x is kept below -1e-12 so that the branch torch.where does not take never holds log(0): its infinite
+    derivative times a zero upstream gradient would be NaN. The ghost bucket then holds >= 1e-12, not 0.
+    """
+    x = x.clamp(max=-1e-12)
     return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
@@ -55,7 +66,7 @@ def topk_target(logprobs: torch.Tensor, tail: str = "ghost", label_slot: torch.T
     Returns:
         (N, k + 1) float32 teacher probabilities; rows sum to 1.
     """
-    p = logprobs.float().exp()  # (N, k)
+    p = _wide(logprobs).exp()  # (N, k)
     mass = p.sum(-1, keepdim=True).clamp(max=1.0)
     if tail == "renorm":
         return torch.cat([p / mass.clamp(min=_TINY), torch.zeros_like(mass)], dim=-1)
@@ -84,8 +95,7 @@ def divergence(p: torch.Tensor, log_q: torch.Tensor, loss: str, beta: float = 0.
                   reverse KL (Agarwal et al. 2024).
             tvd   total variation, 0.5 sum |p - q| (Wen et al. 2023).
             akl   adaptive KL (Wu et al. 2024): g_head FKL + g_tail RKL, the head being the buckets holding the
-                  top mu of the teacher's mass and g the share of |p - q| in the head and the tail (not
-                  back-propagated).
+                  top mu of the teacher's mass and g the share of |p - q| in the head and the tail.
     Returns:
         (N,) float32.
     """
@@ -111,8 +121,7 @@ def divergence(p: torch.Tensor, log_q: torch.Tensor, loss: str, beta: float = 0.
             return kl(p, log_p, safe_log_q)
         if beta == 1:
             return kl(q, safe_log_q, log_p)
-        log_m = torch.logsumexp(torch.stack([safe_log_q + torch.log(torch.tensor(1 - beta)),
-                                             log_p + torch.log(torch.tensor(beta))]), dim=0)
+        log_m = torch.logsumexp(torch.stack([safe_log_q + math.log(1 - beta), log_p + math.log(beta)]), dim=0)
         return beta * kl(p, log_p, log_m) + (1 - beta) * kl(q, safe_log_q, log_m)
     if loss == "tvd":
         return 0.5 * (p - q).abs().sum(-1)
@@ -121,7 +130,7 @@ def divergence(p: torch.Tensor, log_q: torch.Tensor, loss: str, beta: float = 0.
         p_sorted = p.gather(-1, order)
         before = torch.cumsum(p_sorted, -1) - p_sorted  # mass strictly above each bucket
         head = torch.zeros_like(p, dtype=torch.bool).scatter(-1, order, before < mu)
-        gap = (p - q).abs().detach()
+        gap = (p - q).abs()
         g_head = (gap * head).sum(-1)
         g_tail = (gap * ~head).sum(-1)
         w = g_head / (g_head + g_tail).clamp(min=_TINY)
@@ -153,7 +162,7 @@ def distill_loss(
     mask = batch["target_mask"].bool()  # (B, L)
     n_tok = mask.sum()
     denom = n_tok.clamp(min=1).float()
-    logits = student_logits[mask].float()  # (N, V): target positions only
+    logits = _wide(student_logits[mask])  # (N, V): target positions only
     labels = batch["input_ids"][:, 1:]
     labels = torch.cat([labels, labels[:, :1]], dim=1)[mask].long()  # (N,) token t+1
     ce = F.cross_entropy(logits, labels, reduction="sum") / denom if logits.numel() else logits.sum()
@@ -166,7 +175,7 @@ def distill_loss(
         ids = batch["topk_ids"][mask].long()  # (N, k)
         lps = batch["topk_logprobs"][mask]  # (N, k)
         valid = torch.isfinite(lps) & (ids < logits.shape[-1])
-        lps = lps.float().masked_fill(~valid, float("-inf"))
+        lps = _wide(lps).to(logits.dtype).masked_fill(~valid, float("-inf"))
         slot = None
         if tail == "label":
             hit = (ids == labels[:, None]) & valid
@@ -182,7 +191,8 @@ def distill_loss(
             log_q[outside, -1] = log_q_full[outside, labels[outside]]
     else:
         ids, p, valid = _sample_buckets(batch, mask)
-        ids = ids.clamp(max=logits.shape[-1] - 1)
+        p = p.to(logits.dtype)
+        valid = valid & (ids < logits.shape[-1])
         log_q = bucket_logprobs(log_q_full, ids, valid)
         p = torch.cat([p, torch.zeros_like(p[:, :1])], dim=-1)
     kd = divergence(p, log_q, loss, beta=beta).sum() * temperature**2 / denom
@@ -198,10 +208,10 @@ def _sample_buckets(batch: dict[str, torch.Tensor], mask: torch.Tensor):
     starts = torch.cumsum(flat_n, 0) - flat_n
     slot = torch.arange(pos.numel(), device=n.device) - starts[pos]  # (S,) index within its position
     U = max(int(flat_n.max()) if flat_n.numel() else 1, 1)
-    counts = batch["sample_counts"].float()
-    draws = torch.zeros(flat_n.numel(), device=n.device).index_add_(0, pos, counts)  # (B*L,) = N where stored
+    counts = batch["sample_counts"].double()
+    draws = torch.zeros(flat_n.numel(), device=n.device, dtype=torch.float64).index_add_(0, pos, counts)  # N
     ids = torch.zeros(flat_n.numel(), U, dtype=torch.long, device=n.device)
-    prob = torch.zeros(flat_n.numel(), U, device=n.device)
+    prob = torch.zeros(flat_n.numel(), U, device=n.device, dtype=torch.float64)
     ids[pos, slot] = batch["sample_ids"].long()
     prob[pos, slot] = counts / draws[pos]
     keep = mask.reshape(-1)

@@ -69,3 +69,25 @@ def text_data(tmp_path_factory):
         for r in rows:
             f.write(json.dumps(r) + "\n")
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def caches(tiny_teacher, text_data, tmp_path_factory):
+    """A top-k and a sampled cache of the tiny teacher over the test text."""
+    from pipeline.capture import CaptureConfig, capture
+
+    root = tmp_path_factory.mktemp("caches")
+    capture(CaptureConfig(teacher=tiny_teacher, data=text_data, output=str(root / "topk"), top_k=16, quiet=True))
+    capture(CaptureConfig(teacher=tiny_teacher, data=text_data, output=str(root / "sample"), mode="sample",
+                          draws=20, quiet=True))
+    return {"topk": str(root / "topk"), "sample": str(root / "sample")}
+
+
+@pytest.fixture(scope="session")
+def student_config(tmp_path_factory):
+    """A config.json for a student smaller than the tiny teacher, same vocabulary."""
+    from transformers import GPT2Config
+
+    path = tmp_path_factory.mktemp("student")
+    GPT2Config(vocab_size=384, n_layer=1, n_embd=16, n_head=2, n_positions=64).save_pretrained(path)
+    return str(path / "config.json")
