@@ -165,12 +165,15 @@ def distill_loss(
     logits = _wide(student_logits[mask])  # (N, V): target positions only
     labels = batch["input_ids"][:, 1:]
     labels = torch.cat([labels, labels[:, :1]], dim=1)[mask].long()  # (N,) token t+1
-    ce = F.cross_entropy(logits, labels, reduction="sum") / denom if logits.numel() else logits.sum()
     has_teacher = "topk_ids" in batch or "sample_ids" in batch
     if ce_weight >= 1.0 or not has_teacher:
+        ce = F.cross_entropy(logits, labels, reduction="sum") / denom if logits.numel() else logits.sum()
         return ce, {"ce": ce.detach(), "kd": torch.zeros_like(ce.detach()), "tokens": n_tok}
 
-    log_q_full = F.log_softmax(logits / temperature, dim=-1)  # (N, V)
+    # One log-softmax over the vocabulary serves both terms (at temperature 1): it is the costliest op here.
+    log_p = F.log_softmax(logits, dim=-1)  # (N, V)
+    ce = -log_p.gather(-1, labels[:, None]).sum() / denom
+    log_q_full = log_p if temperature == 1.0 else F.log_softmax(logits / temperature, dim=-1)  # (N, V)
     if "topk_ids" in batch:
         ids = batch["topk_ids"][mask].long()  # (N, k)
         lps = batch["topk_logprobs"][mask]  # (N, k)
