@@ -266,3 +266,14 @@ def test_txt_folder_one_row_per_document(tiny_teacher, tmp_path):
 def test_bad_settings_reported_together(tiny_teacher, text_data, tmp_path):
     res = cli(tiny_teacher, text_data, "-o", tmp_path / "c", "--top-k", "0", "--draws", "999")
     assert_one_line_error(res, "--top-k 0 must be at least 1", "--draws 999 must be between 1 and 255")
+
+
+def test_show_decodes_with_the_recorded_tokenizer(topk_cache, tiny_teacher):
+    out, _ = topk_cache
+    res = CliRunner().invoke(main, ["show", str(out), "--row", "0", "--top", "2", "--max-tokens", "5"])
+    assert res.exit_code == 0, res.output
+    tok = AutoTokenizer.from_pretrained(tiny_teacher)
+    assert tok.pad_token is None  # the teacher has no pad token, and capture handled it
+    first = CacheReader(str(out)).read_rows(np.array([0])).row(0)["input_ids"][0]
+    assert repr(tok.decode([int(first)])) in res.output and "top-16 mass" in res.output
+    assert "tokenizer not available" not in res.output

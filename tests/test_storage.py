@@ -359,3 +359,17 @@ def test_read_padded_uses_chat_loss_mask(tmp_path, topk_header):
     batch = CacheReader(str(tmp_path / "c")).read_padded(np.array([0]))
     np.testing.assert_array_equal(batch["target_mask"][0, :5], rows.loss_mask[1:].astype(bool))
     assert not batch["target_mask"][0, 5]
+
+
+def _checksum(path):
+    reader = CacheReader(path)
+    rows = reader.read_rows(np.arange(reader.num_rows))
+    return int(rows.input_ids.sum()), float(rows.topk_logprobs.astype(np.float64).sum())
+
+
+def test_many_processes_read_one_cache(small_cache):
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        results = pool.map(_checksum, [small_cache] * 4)
+    assert results == [_checksum(small_cache)] * 4

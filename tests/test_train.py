@@ -175,3 +175,16 @@ def test_trainer_args_file_and_flags_override(caches, student_config, tmp_path):
     (tmp_path / "bad.json").write_text('{"no_such_field": 1}')
     assert_one_line_error(cli_train(caches["topk"], "-o", tmp_path / "r2", "--student", student_config,
                                     "--trainer-args", tmp_path / "bad.json"), "--trainer-args", "no_such_field")
+
+
+def test_dataloader_workers_read_the_same_batches(caches):
+    from pipeline.train_data import CacheBatches, unwrap_batch
+
+    data = CacheBatches([(caches["sample"], None)], batch_size=4, seed=1)
+    plain = [data[i] for i in range(len(data))]
+    loader = torch.utils.data.DataLoader(data, batch_size=1, collate_fn=unwrap_batch, num_workers=2)
+    for a, b in zip(plain, loader):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+    assert sorted(r for g in data.groups for r in g) == list(range(data.reader.num_rows))
