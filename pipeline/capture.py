@@ -20,10 +20,9 @@ from pipeline.runtime import BackgroundWriter, Captured, close_dist, init_dist, 
 from pipeline.teacher import (
     config_fingerprint,
     context_length,
-    final_hidden,
-    head_logits,
     load_model,
     load_tokenizer,
+    logits_in_chunks,
     output_vocab_size,
     quiet_libraries,
     resolve_device,
@@ -190,15 +189,14 @@ def _capture(cfg: CaptureConfig, device: torch.device, dist) -> CaptureResult:
                 batch_rows = take_rows(rows, idx)
                 input_ids, attention = pad_batch(_split(batch_rows), pad_id, device)
                 with torch.inference_mode():
-                    hidden = final_hidden(model, input_ids, attention)  # (B, L, H)
-                    flat = hidden[attention.bool()]  # (T, H): real tokens only, row by row
+                    logits = logits_in_chunks(model, input_ids, attention, chunk)  # (<= chunk, V) fp32 each
                     captured = Captured(batch_rows)
                     if cfg.mode == "topk":
-                        parts = [topk_logprobs(head_logits(model, h), cfg.top_k) for h in flat.split(chunk)]
+                        parts = [topk_logprobs(x, cfg.top_k) for x in logits]
                         captured.topk = (torch.cat([v for v, _ in parts]).to(torch.float16),
                                          torch.cat([i for _, i in parts]).to(torch.int32))
                     else:
-                        parts = [sample_unique(head_logits(model, h), cfg.draws, generator) for h in flat.split(chunk)]
+                        parts = [sample_unique(x, cfg.draws, generator) for x in logits]
                         captured.sample = tuple(torch.cat(p) for p in zip(*parts))
                 background.write(captured)
                 computed += input_ids.numel()

@@ -106,6 +106,23 @@ def context_length(config) -> int | None:
     return None
 
 
+def logits_in_chunks(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, chunk: int):
+    """fp32 logits of the real (unpadded) positions, row by row, `chunk` positions at a time: (n <= chunk, V) each.
+
+    The (B, T, V) logits are never built: the final hidden states go through the output head chunk by chunk. A
+    model without a separate base model and head (some remote-code models) falls back to its own logits, which
+    are then (B, T, V) in the model's dtype.
+    """
+    keep = attention_mask.bool()
+    if model.base_model is model or model.get_output_embeddings() is None:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[keep]
+        yield from (part.float() for part in logits.split(chunk))
+        return
+    hidden = final_hidden(model, input_ids, attention_mask)[keep]  # (T, H): real tokens only, row-major
+    for part in hidden.split(chunk):
+        yield head_logits(model, part)
+
+
 def final_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """The last hidden states of a causal LM, without computing the (B, T, V) logits. Shape (B, T, H)."""
     out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)

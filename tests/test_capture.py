@@ -277,3 +277,30 @@ def test_show_decodes_with_the_recorded_tokenizer(topk_cache, tiny_teacher):
     first = CacheReader(str(out)).read_rows(np.array([0])).row(0)["input_ids"][0]
     assert repr(tok.decode([int(first)])) in res.output and "top-16 mass" in res.output
     assert "tokenizer not available" not in res.output
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_topk_parity_on_other_families(family, tiny_teacher, text_data, tmp_path):
+    """Capture reads the final hidden states and applies the head itself: check it on a Llama (untied head) and a
+    Gemma 2 (final logit soft-capping) too, against the models' own logits."""
+    from transformers import AutoTokenizer, Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=384, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, max_position_embeddings=64, head_dim=16)
+    if family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common, tie_word_embeddings=False))
+    else:
+        model = Gemma2ForCausalLM(Gemma2Config(**common, final_logit_softcapping=3.0))
+    path = tmp_path / family
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_teacher).save_pretrained(path)
+    run(str(path), text_data, tmp_path / "c", top_k=8, limit=6)
+    _, rows = all_rows(tmp_path / "c")
+    model.eval()
+    for r in range(rows.num_rows):
+        row = rows.row(r)
+        with torch.no_grad():
+            lp = torch.log_softmax(model(torch.from_numpy(row["input_ids"].astype(np.int64))[None]).logits[0].float(), -1)
+        np.testing.assert_allclose(row["topk_logprobs"].astype(np.float32), lp.topk(8, -1).values.numpy(),
+                                   atol=2e-3, rtol=2e-3)
