@@ -118,12 +118,8 @@ def capture(cfg: CaptureConfig) -> CaptureResult:
 
 def _capture(cfg: CaptureConfig, device: torch.device, dist) -> CaptureResult:
     # ---- setup: teacher, data, cache ----------------------------------------------------------------------------
-    dtype = resolve_dtype(cfg.dtype, device)
-    model = load_model(cfg.teacher, cfg.revision, dtype, device)
-    tokenizer = load_tokenizer(cfg.teacher, cfg.revision)
-    vocab = output_vocab_size(model)
-    if cfg.mode == "topk" and cfg.top_k > vocab:
-        raise ValueError(f"--top-k {cfg.top_k} is larger than the teacher's vocabulary ({vocab}); use --top-k <= {vocab}")
+    model, tokenizer, vocab, dtype = load_teacher(cfg.teacher, cfg.revision, cfg.dtype, device,
+                                                  cfg.top_k if cfg.mode == "topk" else None)
     context = context_length(model.config)
     max_length = cfg.max_length or min(context or 2048, 2048)
     if context and max_length > context:
@@ -152,20 +148,14 @@ def _capture(cfg: CaptureConfig, device: torch.device, dist) -> CaptureResult:
         k=cfg.top_k if cfg.mode == "topk" else None,
         draws=cfg.draws if cfg.mode == "sample" else None,
         loss_mask=chat,
-        teacher={"id": cfg.teacher, "revision": cfg.revision, "config_fingerprint": config_fingerprint(model.config),
-                 "dtype": resolved["dtype"]},
+        teacher=teacher_record(cfg.teacher, cfg.revision, model, dtype),
         tokenizer=tokenizer_record(tokenizer, cfg.teacher),
         dataset={"source": cfg.data, "split": cfg.split, "fingerprint": source._fingerprint,
                  "rows": len(source), "sequences": len(seqs), "empty_rows": empty},
         config={k: v for k, v in resolved.items() if k not in ("teacher", "data")},
     )
     units = plan_units(len(seqs), cfg.unit_rows)
-    if dist.rank != 0:
-        dist.barrier()  # rank 0 creates (or wipes) the cache first
-    writer = CacheWriter(cfg.output, header, writer_id=dist.rank, overwrite=cfg.overwrite and dist.rank == 0,
-                         ignore_config=RESUME_MAY_DIFFER)
-    if dist.rank == 0:
-        dist.barrier()
+    writer = open_cache(cfg.output, header, dist, cfg.overwrite)
     try:
         if writer.already_complete:
             return CaptureResult(cfg.output, already_complete=True)
@@ -191,13 +181,7 @@ def _capture(cfg: CaptureConfig, device: torch.device, dist) -> CaptureResult:
                 with torch.inference_mode():
                     logits = logits_in_chunks(model, input_ids, attention, chunk)  # (<= chunk, V) fp32 each
                     captured = Captured(batch_rows)
-                    if cfg.mode == "topk":
-                        parts = [topk_logprobs(x, cfg.top_k) for x in logits]
-                        captured.topk = (torch.cat([v for v, _ in parts]).to(torch.float16),
-                                         torch.cat([i for _, i in parts]).to(torch.int32))
-                    else:
-                        parts = [sample_unique(x, cfg.draws, generator) for x in logits]
-                        captured.sample = tuple(torch.cat(p) for p in zip(*parts))
+                    captured.topk, captured.sample = sparse_targets(logits, cfg.mode, cfg.top_k, cfg.draws, generator)
                 background.write(captured)
                 computed += input_ids.numel()
                 real += batch_rows.num_tokens
@@ -221,6 +205,43 @@ def _capture(cfg: CaptureConfig, device: torch.device, dist) -> CaptureResult:
         return result
     finally:
         writer.close()
+
+
+def sparse_targets(logit_chunks, mode: str, k: int, draws: int, generator: torch.Generator):
+    """Top-k (values fp16, ids int32) or draws (n_unique, ids, counts) of a sequence of (n, V) fp32 logit chunks,
+    concatenated in order; the other is None. Stays on the device: the background writer moves it."""
+    if mode == "topk":
+        parts = [topk_logprobs(x, k) for x in logit_chunks]
+        return (torch.cat([v for v, _ in parts]).to(torch.float16), torch.cat([i for _, i in parts]).to(torch.int32)), None
+    parts = [sample_unique(x, draws, generator) for x in logit_chunks]
+    return None, tuple(torch.cat(p) for p in zip(*parts))
+
+
+def load_teacher(name: str, revision: str | None, dtype_name: str, device: torch.device, top_k: int | None):
+    """(model, tokenizer, output vocabulary, dtype) of a teacher; refuses a top-k wider than the vocabulary."""
+    dtype = resolve_dtype(dtype_name, device)
+    model = load_model(name, revision, dtype, device)
+    tokenizer = load_tokenizer(name, revision)
+    vocab = output_vocab_size(model)
+    if top_k is not None and top_k > vocab:
+        raise ValueError(f"--top-k {top_k} is larger than the teacher's vocabulary ({vocab}); use --top-k <= {vocab}")
+    return model, tokenizer, vocab, dtype
+
+
+def teacher_record(name: str, revision: str | None, model, dtype: torch.dtype) -> dict:
+    return {"id": name, "revision": revision, "config_fingerprint": config_fingerprint(model.config),
+            "dtype": str(dtype).removeprefix("torch.")}
+
+
+def open_cache(path: str, header: CacheHeader, dist, overwrite: bool) -> CacheWriter:
+    """This rank's writer; rank 0 creates (or wipes) the cache before the others open it."""
+    if dist.rank != 0:
+        dist.barrier()
+    writer = CacheWriter(path, header, writer_id=dist.rank, overwrite=overwrite and dist.rank == 0,
+                         ignore_config=RESUME_MAY_DIFFER)
+    if dist.rank == 0:
+        dist.barrier()
+    return writer
 
 
 def unit_rows(table, start: int, end: int, chat: bool) -> RowBatch:

@@ -75,6 +75,46 @@ def capture(teacher: str, data: str, output: str, **flags) -> None:
 
 
 @main.command()
+@click.argument("teacher")
+@click.argument("prompts")
+@click.option("-o", "--output", required=True, help="Cache directory to write.")
+@click.option("--revision", default=None)
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--split", default="train", show_default=True)
+@click.option("--prompt-field", default="text", show_default=True)
+@click.option("--messages-field", default="messages", show_default=True, help="Chat prompts, used when there is no prompt column.")
+@click.option("--limit", type=int, default=None, help="Use the first N prompts only.")
+@click.option("--max-new-tokens", type=int, default=128, show_default=True)
+@click.option("--max-prompt-length", type=int, default=None, help="Longer prompts keep their last tokens.")
+@click.option("--num-samples", type=int, default=1, show_default=True, help="Sequences per prompt.")
+@click.option("--greedy", is_flag=True, help="Greedy decoding (default: sampling).")
+@click.option("--temperature", type=float, default=1.0, show_default=True)
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--top-k-sampling", type=int, default=0, show_default=True, help="Top-k filter while sampling (0: none).")
+@click.option("--num-beams", type=int, default=1, show_default=True)
+@click.option("--mode", type=click.Choice(["topk", "sample"]), default="topk", show_default=True, help="What is stored.")
+@click.option("--top-k", type=int, default=64, show_default=True)
+@click.option("--draws", type=int, default=50, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Prompts per generate call.")
+@click.option("--unit-rows", type=int, default=256, show_default=True, help="Prompts per work unit (= shard).")
+@click.option("--overwrite", is_flag=True)
+@click.option("--quiet", is_flag=True)
+@domain_errors
+def generate(teacher: str, prompts: str, output: str, **flags) -> None:
+    """Teacher-generated continuations of PROMPTS (sequence-level KD), with the teacher's distributions."""
+    from pipeline.generate import GenerateConfig, generate as run_generate
+
+    result = run_generate(GenerateConfig(teacher=teacher, prompts=prompts, output=output, **flags))
+    if result.already_complete:
+        click.echo(f"{output} is already complete; nothing to do (use --overwrite to generate again)")
+    elif result.stats:
+        click.echo(f"{output}: {result.rows:,} sequences, {result.stats['generated_tokens']:,} generated tokens in "
+                   f"{result.seconds:.1f}s")
+
+
+@main.command()
 @click.argument("caches", nargs=-1, required=True)
 @click.option("-o", "--output", required=True, help="RUN directory: the student, checkpoints, metrics.")
 @click.option("--student", required=True, help="Pretrained model, or a config.json / folder with a config to start fresh.")

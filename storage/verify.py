@@ -42,6 +42,11 @@ def check_rows(batch: pa.RecordBatch, header: CacheHeader) -> list[str]:
         faults.append("prompt_len outside [0, row length]")
     if rows.loss_mask is not None and np.any(rows.loss_mask > 1):
         faults.append("loss_mask holds values other than 0 and 1")
+    # Positions that must hold a distribution: every one of a captured row (prompt_len 0); in a generated row,
+    # from the last prompt token to the second-to-last token (others may be absent: all -inf, or no ids).
+    pos = np.arange(rows.num_tokens) - np.repeat(rows.offsets[:-1], lengths)
+    p, n = np.repeat(rows.prompt_len.astype(np.int64), lengths), np.repeat(lengths, lengths)
+    required = (pos >= p - 1) & ((pos <= n - 2) | (p == 0))
     if header.mode == "topk" and rows.num_tokens:
         ids, lps = rows.topk_ids, rows.topk_logprobs.astype(np.float32)
         if ids.max() >= header.vocab_size:
@@ -50,25 +55,30 @@ def check_rows(batch: pa.RecordBatch, header: CacheHeader) -> list[str]:
             faults.append("top-k log-probs hold NaN or +inf")
         if np.any(lps > LOGPROB_TOLERANCE):
             faults.append(f"top-k log-probs above 0 (max {lps.max():.4g})")
-        if np.any(np.diff(lps, axis=1) > 0):
+        with np.errstate(invalid="ignore"):  # -inf - -inf in rows that hold no distribution
+            unsorted = np.any(np.diff(lps, axis=1) > 0)
+        if unsorted:
             faults.append("top-k log-probs not sorted in descending order")
         mass = np.exp(lps).sum(axis=1)
         if np.any(mass > 1 + MASS_TOLERANCE):
             faults.append(f"top-k mass above 1 (max {mass.max():.5f})")
+        if np.any(np.isneginf(lps[:, 0]) & required):
+            faults.append("positions that must hold a teacher distribution hold none")
     if header.mode == "sample" and rows.num_tokens:
         so = rows.sample_offsets
         if rows.sample_ids.size and rows.sample_ids.max() >= header.vocab_size:
             faults.append(f"sample ids >= vocab size {header.vocab_size}")
         if np.any(rows.sample_counts == 0):
             faults.append("sample counts of zero")
-        sums = np.add.reduceat(rows.sample_counts.astype(np.int64), so[:-1]) if rows.sample_counts.size else None
-        empty = so[1:] == so[:-1]
-        if sums is None or np.any(empty) or np.any(sums != header.draws):
+        cum = np.concatenate([[0], np.cumsum(rows.sample_counts, dtype=np.int64)])
+        sums = cum[so[1:]] - cum[so[:-1]]
+        if np.any(sums[required] != header.draws) or np.any((sums != 0) & (sums != header.draws)):
             faults.append(f"sample counts do not sum to N={header.draws} at every position")
         # ids are stored ascending and unique within a position
         steps = np.diff(rows.sample_ids.astype(np.int64))
         inside = np.ones(len(steps), dtype=bool)
-        inside[so[1:-1] - 1] = False
+        ends = so[1:-1] - 1
+        inside[ends[(ends >= 0) & (ends < len(steps))]] = False
         if np.any(steps[inside] <= 0):
             faults.append("sample ids not unique and ascending within a position")
     return faults

@@ -373,3 +373,16 @@ def test_many_processes_read_one_cache(small_cache):
     with multiprocessing.get_context("spawn").Pool(2) as pool:
         results = pool.map(_checksum, [small_cache] * 4)
     assert results == [_checksum(small_cache)] * 4
+
+
+def test_verify_requires_distributions_where_the_loss_needs_them(tmp_path, topk_header):
+    rows = random_rows(topk_header, [4, 4])
+    rows.prompt_len[:] = [0, 2]
+    rows.topk_logprobs[5] = -np.inf  # row 1, position 1 = prompt_len - 1: the first generated token's distribution
+    rows.topk_logprobs[4] = -np.inf  # row 1, position 0: inside the prompt, may be absent
+    path = str(tmp_path / "c")
+    with CacheWriter(path, topk_header) as w:
+        with w.shard(0) as s:
+            s.write(rows)
+        w.finalize()
+    assert verify_cache(path) == ["shards/part-000000.arrow: positions that must hold a teacher distribution hold none"]
