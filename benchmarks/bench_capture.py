@@ -9,6 +9,8 @@ process, one thing at a time, and is reported as ratios:
   capture_vs_forward   capture throughput / bare forward throughput on identical batches (target >= 0.95)
   padding_fraction     padded tokens / computed tokens in the capture's batches (target <= 0.02)
   capture_vs_naive     capture throughput / naive loop throughput
+  generate_vs_hf       `kdcache generate` (top-k 64 stored along the way) over plain `model.generate` on the same
+                       prompts, batches and settings, in generated tokens per second (target >= 0.9)
 """
 
 from __future__ import annotations
@@ -97,6 +99,45 @@ def naive_loop(model, batches, device, out_dir: str, max_rows: int) -> tuple[flo
     return time.perf_counter() - t0, tokens
 
 
+def hf_generate(model, tokenizer, prompts_path: str, batch_size: int, max_new: int, device) -> tuple[float, int]:
+    """Plain model.generate over the prompts, batched like kdcache generate (left padding, longest first)."""
+    texts = [json.loads(line)["text"] for line in open(prompts_path)]
+    prompts = sorted((tokenizer(t)["input_ids"][-64:] for t in texts), key=len, reverse=True)
+    tokens, t0 = 0, time.perf_counter()
+    for first in range(0, len(prompts), batch_size):
+        batch = prompts[first : first + batch_size]
+        P = max(map(len, batch))
+        ids = torch.tensor([[0] * (P - len(p)) + p for p in batch], device=device)
+        mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in batch], device=device)
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, do_sample=True,
+                                 top_k=None, pad_token_id=0, eos_token_id=None)
+        tokens += (out.shape[1] - P) * len(batch)
+    _sync(device)
+    return time.perf_counter() - t0, tokens
+
+
+def bench_generate(teacher: str, model, tokenizer, tmp: str, n_prompts: int, device, repeats: int) -> dict:
+    from pipeline.generate import GenerateConfig, generate
+
+    prompts = os.path.join(tmp, "prompts.jsonl")
+    build_data(prompts, n_prompts, seed=1)
+    max_new, batch = 32, 8
+    hf_s, ours = float("inf"), None
+    for _ in range(repeats):
+        seconds, hf_tokens = hf_generate(model, tokenizer, prompts, batch, max_new, device)
+        hf_s = min(hf_s, seconds)
+        cfg = GenerateConfig(teacher=teacher, prompts=prompts, output=os.path.join(tmp, "gen"), device=str(device),
+                             max_new_tokens=max_new, max_prompt_length=64, batch_size=batch, top_k=64,
+                             top_k_sampling=0, quiet=True, overwrite=True)
+        run = generate(cfg)
+        ours = run if ours is None or run.seconds < ours.seconds else ours
+    ours_tps = ours.stats["generated_tokens"] / ours.seconds
+    return {"hf_generate_tokens_per_s": round(hf_tokens / hf_s, 1),
+            "kdcache_generate_tokens_per_s": round(ours_tps, 1),
+            "generate_vs_hf": round(ours_tps / (hf_tokens / hf_s), 3)}
+
+
 def _sync(device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -109,6 +150,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--docs", type=int, default=None, help="number of passages (default: 40 quick, 512 full)")
     ap.add_argument("--repeats", type=int, default=2, help="runs of forward and capture, best kept")
+    ap.add_argument("--only", choices=["all", "capture", "generate"], default="all")
     args = ap.parse_args()
     quiet_libraries()
     device = torch.device(args.device)
@@ -125,6 +167,11 @@ def main() -> None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         model = AutoModelForCausalLM.from_pretrained(teacher, dtype=dtype).to(device).eval()
         tokenizer = AutoTokenizer.from_pretrained(teacher)
+        out = {"device": str(device), "teacher": "gpt2-small shape, random, vocab 50257"}
+        if args.only in ("all", "generate"):
+            out.update(bench_generate(teacher, model, tokenizer, tmp, 16 if args.quick else 64, device, args.repeats))
+        if args.only == "generate":
+            return report(out, args.json)
         cfg = CaptureConfig(teacher=teacher, data=data, output=os.path.join(tmp, "cache"), device=args.device,
                             top_k=64, batch_tokens=batch_tokens, quiet=True)
         batches = list(batches_of_capture(cfg, tokenizer))
@@ -140,9 +187,7 @@ def main() -> None:
         naive_s, naive_tokens = naive_loop(model, batches, device, tmp, max_rows=16 if args.quick else 128)
         sample_cfg = CaptureConfig(**{**cfg.__dict__, "output": os.path.join(tmp, "sampled"), "mode": "sample"})
         sampled = capture(sample_cfg)
-    out = {
-        "device": str(device),
-        "teacher": "gpt2-small shape, random, vocab 50257",
+    out.update({
         "tokens": fwd_tokens,
         "batches": len(batches),
         "forward_tokens_per_s": round(fwd_tokens / fwd_s, 1),
@@ -153,12 +198,18 @@ def main() -> None:
         "capture_sample_vs_forward": round((sampled.tokens / sampled.seconds) / (fwd_tokens / fwd_s), 3),
         "capture_vs_naive": round((result.tokens / result.seconds) / (naive_tokens / naive_s), 2),
         "padding_fraction": round(result.padding_fraction, 4),
-    }
+    })
+    report(out, args.json)
+
+
+def report(out: dict, path: str | None) -> None:
     print(json.dumps(out, indent=2))
-    print(f"capture_vs_forward {out['capture_vs_forward']} (target >= 0.95), padding_fraction "
-          f"{out['padding_fraction']} (target <= 0.02), capture_vs_naive {out['capture_vs_naive']}")
-    if args.json:
-        with open(args.json, "w") as f:
+    for key, target in (("capture_vs_forward", ">= 0.95"), ("padding_fraction", "<= 0.02"),
+                        ("capture_vs_naive", ""), ("generate_vs_hf", ">= 0.9")):
+        if key in out:
+            print(f"{key} {out[key]} {('(target ' + target + ')') if target else ''}")
+    if path:
+        with open(path, "w") as f:
             json.dump(out, f, indent=2)
 
 
