@@ -219,5 +219,23 @@ def verify(cache: str) -> None:
     click.echo(f"{cache}: OK")
 
 
+@main.command()
+@click.option("-o", "--output", default="runs/demo", show_default=True, help="RUN directory for caches, students, report.")
+@click.option("--steps", type=int, default=None, help="Training steps per student (default: the recipe's).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--verbose", is_flag=True, help="Progress bars and training logs.")
+@domain_errors
+def demo(output: str, steps: int | None, seed: int, verbose: bool) -> None:
+    """The whole flow on the embedded default: the Shakespeare teacher and corpus shipped in data/."""
+    from pipeline.demo import DemoConfig, demo as run_demo, format_report
+
+    cfg = DemoConfig(output=output, seed=seed, quiet=not verbose)
+    if steps is not None:
+        cfg.steps = steps
+    report = run_demo(cfg)
+    click.echo(format_report(report))
+    click.echo(f"written: {output}/report.json, {output}/report.md, {output}/curves.png")
+
+
 if __name__ == "__main__":
     main()

@@ -15,11 +15,30 @@ from pipeline.train import check_vocab, eval_dataset
 from storage.reader import CacheReader
 
 
-def _token_ce(logits: torch.Tensor, batch: dict) -> tuple[float, int]:
-    """Summed CE of next-token prediction at target positions, and their count."""
+ECE_BINS = 15
+
+
+def _token_ce(logits: torch.Tensor, batch: dict, bins: np.ndarray | None = None) -> tuple[float, int]:
+    """Summed CE of next-token prediction at target positions, and their count.
+
+    bins: optional (3, ECE_BINS) accumulator of [count, confidence sum, correct sum] of the top-1 prediction.
+    """
     mask = batch["target_mask"].bool()
     labels = torch.cat([batch["input_ids"][:, 1:], batch["input_ids"][:, :1]], dim=1)[mask].long()
-    return float(F.cross_entropy(logits[mask].float(), labels, reduction="sum")), int(mask.sum())
+    logits = logits[mask].float()
+    if bins is not None and len(labels):
+        conf, pred = torch.softmax(logits, -1).max(-1)
+        which = (conf * ECE_BINS).long().clamp(max=ECE_BINS - 1).cpu().numpy()
+        np.add.at(bins[0], which, 1)
+        np.add.at(bins[1], which, conf.cpu().numpy())
+        np.add.at(bins[2], which, (pred == labels).float().cpu().numpy())
+    return float(F.cross_entropy(logits, labels, reduction="sum")), int(mask.sum())
+
+
+def expected_calibration_error(bins: np.ndarray) -> float:
+    """ECE of the top-1 prediction (Guo et al. 2017): sum over bins of |accuracy - confidence| weighted by count."""
+    count, conf, correct = bins
+    return float(np.abs(correct - conf).sum() / max(count.sum(), 1))
 
 
 def evaluate(model_name: str, data: str | None = None, cache: str | None = None, batch_size: int = 8,
@@ -28,7 +47,8 @@ def evaluate(model_name: str, data: str | None = None, cache: str | None = None,
 
     For top-k caches the KL is over the k ids plus the ghost bucket (a lower bound of the full KL, exact at k = V);
     for sampled caches it is to the empirical distribution of the draws.
-    Returns: {"perplexity", "tokens", "kl_to_teacher" (or None), "cache_tokens"}.
+    Returns: {"perplexity", "tokens", "ece" (with DATA: calibration of the top-1 prediction), "kl_to_teacher"
+    (or None), "cache_tokens"}.
     """
     if data is None and cache is None:
         raise ValueError("give DATA, --cache, or both")
@@ -40,13 +60,14 @@ def evaluate(model_name: str, data: str | None = None, cache: str | None = None,
         length = max_length or min(context_length(model.config) or 2048, 2048)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         ce_sum = n = 0
+        bins = np.zeros((3, ECE_BINS))
         with torch.inference_mode():
             for batch in eval_dataset(data, tokenizer, length, batch_size, pad, limit):
                 batch = {k: v.to(dev) for k, v in batch.items()}
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"].long()).logits
-                s, c = _token_ce(logits, batch)
+                s, c = _token_ce(logits, batch, bins)
                 ce_sum, n = ce_sum + s, n + c
-        out.update(perplexity=math.exp(ce_sum / max(n, 1)), tokens=n)
+        out.update(perplexity=math.exp(ce_sum / max(n, 1)), tokens=n, ece=expected_calibration_error(bins))
     if cache is not None:
         reader = CacheReader(cache)
         try:

@@ -19,7 +19,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from pipeline.losses import LOSSES, TAILS, distill_loss
-from pipeline.teacher import output_vocab_size, tokenizer_fingerprint
+from pipeline.teacher import context_length, output_vocab_size, tokenizer_fingerprint
 from pipeline.train_data import CacheBatches, TextBatches, parse_cache_arg, unwrap_batch
 from storage.format import CacheMismatchError, write_json_atomic
 from storage.reader import load_manifest
@@ -284,8 +284,10 @@ def eval_dataset(data: str, tokenizer, max_length: int, batch_size: int, pad_id:
     return TextBatches([values[a:b] for a, b in zip(offsets[:-1], offsets[1:])], batch_size, pad_id)
 
 
-def train(cfg: TrainConfig) -> dict[str, Any]:
+def train(cfg: TrainConfig, trainer_class: type[KDTrainer] | None = None) -> dict[str, Any]:
     """Train a student from caches; returns the contents of RUN/kdcache.json.
+
+    trainer_class: a KDTrainer subclass to use instead (the quality benchmark's online-teacher reference).
 
     Raises:
         ValueError / FileNotFoundError / OSError / CacheError with one-line messages for bad input.
@@ -310,11 +312,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
               else (tokenizer.eos_token_id if tokenizer is not None and tokenizer.eos_token_id is not None else 0))
     train_set = CacheBatches(caches, cfg.batch_size, seed=seed, pad_id=pad_id,
                              allow_mixed_teachers=cfg.allow_mixed_teachers)
+    context = context_length(model.config)
+    if context and train_set.longest > context:
+        raise ValueError(f"the caches hold rows of up to {train_set.longest} tokens, longer than the student's context "
+                         f"of {context}; recapture with --max-length {context} or use a student with a longer context")
     eval_set = None
     if cfg.eval_data:
         if tokenizer is None:
             raise ValueError("--eval-data needs a tokenizer: the student has none and the cache's is not available")
-        max_length = int(manifests[0].get("config", {}).get("max_length") or 1024)
+        max_length = min(int(manifests[0].get("config", {}).get("max_length") or 2048), context or 2048)
         eval_set = eval_dataset(cfg.eval_data, tokenizer, max_length, cfg.batch_size, pad_id, cfg.max_eval_rows)
 
     # ---- loop: the Trainer -------------------------------------------------------------------------------------
@@ -322,7 +328,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     os.makedirs(cfg.output, exist_ok=True)
     kd = {"ce_weight": cfg.ce_weight, "loss": cfg.loss, "tail": cfg.tail, "temperature": cfg.temperature,
           "beta": cfg.beta}
-    trainer = KDTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+    trainer = (trainer_class or KDTrainer)(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                         data_collator=unwrap_batch, kd=kd, callbacks=[MetricsFile(os.path.join(cfg.output, "metrics.jsonl"))])
     if cfg.quiet:
         from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -330,7 +336,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(ProgressCallback)
     result = trainer.train(resume_from_checkpoint=True if cfg.resume else None)
-    final = {"train_loss": result.training_loss, "steps": result.global_step}
+    final = {"train_loss": result.training_loss, "steps": result.global_step,
+             "train_seconds": result.metrics.get("train_runtime")}
     if eval_set is not None:
         metrics = trainer.evaluate()
         final.update(eval_loss=metrics["eval_loss"], eval_perplexity=float(torch.exp(torch.tensor(metrics["eval_loss"]))))

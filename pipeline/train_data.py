@@ -77,6 +77,7 @@ class CacheBatches(torch.utils.data.Dataset):
         reader = self.reader
         rng = np.random.default_rng(seed)
         lengths = np.concatenate([np.diff(v.offsets) for _, _, v in reader.iter_shard_rows()])
+        self.longest = int(lengths.max()) if len(lengths) else 0
         rows = mix_rows(reader.cache_rows, self.weights, rng)
         self.groups = plan_groups(lengths, rows, batch_size, rng)
         self.num_rows = sum(len(g) for g in self.groups)

@@ -108,7 +108,7 @@ def main() -> None:
     model = trainer.model.to(torch.float16)
     model.save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)
-    history = [r for r in trainer.state.log_history if "eval_loss" in r]
+    history = list({r["step"]: r for r in trainer.state.log_history if "eval_loss" in r}.values())
     result = {
         "held_out_loss": round(held_out, 4),
         "held_out_perplexity": round(math.exp(held_out), 2),
