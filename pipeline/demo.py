@@ -50,14 +50,23 @@ STUDENTS = {  # name -> (cache, loss overrides)
 }
 
 
+def speeches(folder: str) -> list[tuple[str, str]]:
+    """(speaker line, first line of the speech) of every speech in the plays of a folder."""
+    out = []
+    for f in sorted(glob.glob(os.path.join(folder, "*.txt"))):
+        for p in open(f).read().split("\n\n"):
+            lines = p.strip().split("\n")
+            if len(lines) >= 2 and lines[0].isupper() and lines[0].endswith(".") and len(lines[1].split()) >= 6:
+                out.append((lines[0], lines[1]))
+    return out
+
+
 def write_prompts(cfg: DemoConfig, path: str) -> None:
-    """Openings (the first 6 to 12 words) of random training paragraphs, seeded."""
+    """Prompts from the training plays: a speaker's name and the first 3 to 8 words of the speech, seeded."""
     rng = random.Random(cfg.seed)
-    paragraphs = [p.strip() for f in sorted(glob.glob(os.path.join(cfg.train_dir, "*.txt")))
-                  for p in open(f).read().split("\n\n") if len(p.split()) >= 12]
     with open(path, "w") as f:
-        for p in rng.sample(paragraphs, cfg.prompts):
-            f.write(json.dumps({"text": " ".join(p.split()[: rng.randint(6, 12)])}) + "\n")
+        for speaker, line in rng.sample(speeches(cfg.train_dir), cfg.prompts):
+            f.write(json.dumps({"text": speaker + "\n" + " ".join(line.split()[: rng.randint(3, 8)])}) + "\n")
 
 
 def demo(cfg: DemoConfig) -> dict:
@@ -121,6 +130,8 @@ def demo(cfg: DemoConfig) -> dict:
         s["gap_closed"] = (ce_loss - math.log(s["perplexity"])) / (ce_loss - t_loss) if ce_loss > t_loss else None
     best = min((n for n in runs if n != "ce"), key=lambda n: report["students"][n]["perplexity"])
     report["best_distilled"] = best
+    report["distilled_beat_ce"] = all(report["students"][n]["perplexity"] < report["students"]["ce"]["perplexity"]
+                                      for n in runs if n != "ce")
     report["samples"] = _samples(cfg, {"teacher": cfg.teacher, "ce": runs["ce"], best: runs[best]})
     report["settings"] = {k: v for k, v in cfg.__dict__.items()}
     report["seconds"] = round(time.time() - t_start, 1)
@@ -148,8 +159,9 @@ def _samples(cfg: DemoConfig, models: dict[str, str]) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(cfg.teacher)
-    text = open(sorted(glob.glob(os.path.join(cfg.valid_dir, "*.txt")))[0]).read()
-    prompt = " ".join(text[len(text) // 3 :].split("\n\n")[1].split()[:10])
+    held_out = speeches(cfg.valid_dir)
+    speaker, line = held_out[len(held_out) // 3]
+    prompt = speaker + "\n" + line
     out = {"prompt": prompt}
     for name, path in models.items():
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -173,7 +185,8 @@ def format_report(r: dict) -> str:
     lines += [f"| {n} | {c['tokens']:,} | {c['bytes_per_token']} | {c['seconds']} |" for n, c in r["cache"].items()]
     lines += ["", f"Prompt: {r['samples']['prompt']!r}", ""]
     lines += [f"- **{n}**: {t!r}" for n, t in r["samples"].items() if n != "prompt"]
-    lines += ["", f"Total time: {r['seconds']} s", ""]
+    verdict = "every distilled student beats" if r["distilled_beat_ce"] else "NOT every distilled student beats"
+    lines += ["", f"{verdict} the CE student on held-out perplexity; total time {r['seconds']} s", ""]
     return "\n".join(lines)
 
 
