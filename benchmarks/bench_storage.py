@@ -107,7 +107,8 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="write the results here as JSON")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    n_shards, rows_per_shard, mean_len = (2, 256, 256) if args.quick else (4, 1024, 512)
+    # Full size: rows of ~2048 tokens, the capture default for real teachers (--max-length: context, at most 2048).
+    n_shards, rows_per_shard, mean_len = (2, 256, 256) if args.quick else (4, 256, 2048)
     results: dict = {"vocab": VOCAB, "rows": n_shards * rows_per_shard, "mean_len": mean_len, "bytes_per_token": {}}
     with tempfile.TemporaryDirectory() as tmp:
         configs = [("topk", k) for k in (8, 32, 64, 128)] + [("sample", 50)]

@@ -16,6 +16,14 @@ from storage.writer import CacheWriter  # noqa: E402
 from rowgen import random_rows  # noqa: E402
 
 
+def assert_one_line_error(res, *fragments):
+    """A CLI result that failed with one line naming each fragment, and no traceback."""
+    assert res.exit_code != 0
+    assert "Traceback" not in res.output and res.output.strip().count("\n") == 0, res.output
+    for f in fragments:
+        assert f in res.output, res.output
+
+
 def write_cache(path, header, shards, seed=0):
     """A complete cache with one shard per list of row lengths; returns the rows written per shard."""
     written, first = [], 0

@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.capture import CaptureConfig, capture
+from conftest import assert_one_line_error
 from pipeline.cli import main
 from pipeline.runtime import plan_batches
 from storage.format import CacheMismatchError
@@ -201,13 +202,6 @@ def test_other_settings_refused_then_overwrite(tiny_teacher, text_data, tmp_path
 
 def cli(*args):
     return CliRunner().invoke(main, ["capture", *map(str, args), "--quiet"])
-
-
-def assert_one_line_error(res, *fragments):
-    assert res.exit_code != 0
-    assert "Traceback" not in res.output and res.output.strip().count("\n") == 0, res.output
-    for f in fragments:
-        assert f in res.output, res.output
 
 
 def test_missing_teacher(text_data, tmp_path):

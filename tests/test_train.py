@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GPT2Config
 
+from conftest import assert_one_line_error
 from pipeline.cli import main
 from pipeline.train import TrainConfig, train
 
@@ -96,13 +97,6 @@ def test_eval_json(caches, tiny_teacher, text_data):
 
 def cli_train(*args):
     return CliRunner().invoke(main, ["train", *map(str, args), "--quiet", "--max-steps", "1"])
-
-
-def assert_one_line_error(res, *fragments):
-    assert res.exit_code != 0
-    assert "Traceback" not in res.output and res.output.strip().count("\n") == 0, res.output
-    for f in fragments:
-        assert f in res.output, res.output
 
 
 def test_incomplete_cache_refused(caches, student_config, tmp_path):
