@@ -162,7 +162,7 @@ def train(caches: tuple[str, ...], output: str, **flags) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--max-length", type=int, default=None)
-@click.option("--limit", type=int, default=None)
+@click.option("--limit", type=int, default=None, help="Evaluate at most N sequences of DATA, spread over the text.")
 @click.option("--device", default="auto", show_default=True)
 @domain_errors
 def eval_(model: str, data: str | None, cache: str | None, as_json: bool, **flags) -> None:

@@ -109,7 +109,7 @@ def demo(cfg: DemoConfig) -> dict:
         run_dir = os.path.join(out, "students", name)
         kw = dict(caches=[os.path.join(out, "caches", cache)], output=run_dir, student=cfg.student,
                   ce_weight=cfg.kd_ce_weight, max_steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
-                  warmup=20, seed=cfg.seed, eval_data=cfg.valid_dir, eval_steps=cfg.eval_steps,
+                  warmup=20, seed=cfg.seed, eval_data=cfg.valid_dir, eval_steps=cfg.eval_steps, max_eval_rows=64,
                   save_steps=cfg.steps, logging_steps=cfg.eval_steps, quiet=cfg.quiet, overwrite=True)
         kw.update(overrides)
         train(TrainConfig(**kw))

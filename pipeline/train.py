@@ -15,6 +15,7 @@ import shutil
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
@@ -67,7 +68,7 @@ class TrainConfig:
     logging_steps: int | None = None
     num_workers: int | None = None
     eval_data: str | None = None  # held-out text, evaluated every eval_steps
-    max_eval_rows: int | None = None
+    max_eval_rows: int | None = None  # held-out sequences (chunks) evaluated during training, spread evenly
     trainer_args: str | None = None  # JSON or YAML file of further TrainingArguments fields
     resume: bool = False  # continue from the latest checkpoint in RUN
     overwrite: bool = False  # replace whatever run is in RUN
@@ -272,16 +273,19 @@ def _read_args_file(path: str) -> dict[str, Any]:
     return data
 
 
-def eval_dataset(data: str, tokenizer, max_length: int, batch_size: int, pad_id: int, limit: int | None):
-    """Held-out text, chunked exactly as capture chunks it."""
+def eval_dataset(data: str, tokenizer, max_length: int, batch_size: int, pad_id: int, max_rows: int | None = None):
+    """Held-out text, chunked exactly as capture chunks it; at most max_rows chunks, spread evenly over the text."""
     from pipeline.data import TokenizeConfig, load_source, tokenize_dataset
 
-    source = load_source(data, limit=limit)
+    source = load_source(data)
     seqs = tokenize_dataset(source, tokenizer, TokenizeConfig(max_length=max_length))
     table = seqs.data.table.column("input_ids").combine_chunks()
     offsets = table.offsets.to_numpy()
     values = table.values.to_numpy()
-    return TextBatches([values[a:b] for a, b in zip(offsets[:-1], offsets[1:])], batch_size, pad_id)
+    rows = np.arange(len(offsets) - 1)
+    if max_rows is not None and max_rows < len(rows):
+        rows = rows[np.linspace(0, len(rows) - 1, max_rows).astype(int)]
+    return TextBatches([values[offsets[i] : offsets[i + 1]] for i in rows], batch_size, pad_id)
 
 
 def train(cfg: TrainConfig, trainer_class: type[KDTrainer] | None = None) -> dict[str, Any]:
