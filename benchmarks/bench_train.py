@@ -24,7 +24,6 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -32,6 +31,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 
 from bench_storage import VOCAB, build_cache  # noqa: E402
+
 from pipeline.losses import distill_loss  # noqa: E402
 from pipeline.train_data import CacheBatches  # noqa: E402
 from storage.format import CacheHeader  # noqa: E402

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from pipeline.data import TokenizeConfig, count_empty, detect_format, load_source, tokenize_dataset
 from pipeline.distributions import positions_per_chunk, sample_unique, topk_logprobs
-from pipeline.runtime import BackgroundWriter, Captured, close_dist, init_dist, pad_batch, plan_batches, plan_units
+from pipeline.runtime import BackgroundWriter, Captured, pad_batch, plan_batches, plan_units, run_stage
 from pipeline.teacher import (
     config_fingerprint,
     context_length,
@@ -24,8 +24,6 @@ from pipeline.teacher import (
     load_tokenizer,
     logits_in_chunks,
     output_vocab_size,
-    quiet_libraries,
-    resolve_device,
     resolve_dtype,
     tokenizer_record,
 )
@@ -104,16 +102,7 @@ def capture(cfg: CaptureConfig) -> CaptureResult:
         CacheMismatchError: `cfg.output` holds a cache written with other settings (and not `cfg.overwrite`).
     """
     cfg.check()
-    if cfg.quiet:
-        quiet_libraries()
-    device = resolve_device(cfg.device)
-    dist = init_dist(device.type)
-    if device.type == "cuda" and dist.world > 1:
-        device = torch.device("cuda", dist.local_rank)
-    try:
-        return _capture(cfg, device, dist)
-    finally:
-        close_dist(dist)
+    return run_stage(_capture, cfg)
 
 
 def _capture(cfg: CaptureConfig, device: torch.device, dist) -> CaptureResult:

@@ -63,7 +63,8 @@ def main() -> None:
 @domain_errors
 def capture(teacher: str, data: str, output: str, **flags) -> None:
     """Teacher-forced top-k or sampled distributions of TEACHER over DATA, written to a cache."""
-    from pipeline.capture import CaptureConfig, capture as run_capture
+    from pipeline.capture import CaptureConfig
+    from pipeline.capture import capture as run_capture
 
     result = run_capture(CaptureConfig(teacher=teacher, data=data, output=output, **flags))
     if result.already_complete:
@@ -104,7 +105,8 @@ def capture(teacher: str, data: str, output: str, **flags) -> None:
 @domain_errors
 def generate(teacher: str, prompts: str, output: str, **flags) -> None:
     """Teacher-generated continuations of PROMPTS (sequence-level KD), with the teacher's distributions."""
-    from pipeline.generate import GenerateConfig, generate as run_generate
+    from pipeline.generate import GenerateConfig
+    from pipeline.generate import generate as run_generate
 
     result = run_generate(GenerateConfig(teacher=teacher, prompts=prompts, output=output, **flags))
     if result.already_complete:
@@ -147,7 +149,8 @@ def generate(teacher: str, prompts: str, output: str, **flags) -> None:
 @domain_errors
 def train(caches: tuple[str, ...], output: str, **flags) -> None:
     """Train a student from one or more CACHES (each optionally PATH:WEIGHT)."""
-    from pipeline.train import TrainConfig, train as run_train
+    from pipeline.train import TrainConfig
+    from pipeline.train import train as run_train
 
     summary = run_train(TrainConfig(caches=list(caches), output=output, **flags))
     metrics = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
@@ -227,7 +230,8 @@ def verify(cache: str) -> None:
 @domain_errors
 def demo(output: str, steps: int | None, seed: int, verbose: bool) -> None:
     """The whole flow on the embedded default: the Shakespeare teacher and corpus shipped in data/."""
-    from pipeline.demo import DemoConfig, demo as run_demo, format_report
+    from pipeline.demo import DemoConfig, format_report
+    from pipeline.demo import demo as run_demo
 
     cfg = DemoConfig(output=output, seed=seed, quiet=not verbose)
     if steps is not None:

@@ -14,7 +14,6 @@ from pipeline.teacher import context_length, load_model, load_tokenizer, resolve
 from pipeline.train import check_vocab, eval_dataset
 from storage.reader import CacheReader
 
-
 ECE_BINS = 15
 
 

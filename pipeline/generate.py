@@ -22,7 +22,6 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.capture import (
-    RESUME_MAY_DIFFER,
     CaptureResult,
     load_teacher,
     open_cache,
@@ -30,8 +29,8 @@ from pipeline.capture import (
     teacher_record,
 )
 from pipeline.data import CHUNK_BITS, load_source
-from pipeline.runtime import BackgroundWriter, Captured, close_dist, init_dist, plan_units
-from pipeline.teacher import context_length, quiet_libraries, resolve_device, tokenizer_record
+from pipeline.runtime import BackgroundWriter, Captured, plan_units, run_stage
+from pipeline.teacher import context_length, tokenizer_record
 from storage.format import MAX_DRAWS, CacheHeader
 from storage.rows import RowBatch
 
@@ -119,16 +118,7 @@ def tokenize_prompts(source, tokenizer, cfg: GenerateConfig, max_prompt: int) ->
 def generate(cfg: GenerateConfig) -> CaptureResult:
     """Generate continuations of every prompt and write them, with the teacher's distributions, to a cache."""
     cfg.check()
-    if cfg.quiet:
-        quiet_libraries()
-    device = resolve_device(cfg.device)
-    dist = init_dist(device.type)
-    if device.type == "cuda" and dist.world > 1:
-        device = torch.device("cuda", dist.local_rank)
-    try:
-        return _generate(cfg, device, dist)
-    finally:
-        close_dist(dist)
+    return run_stage(_generate, cfg)
 
 
 def _generate(cfg: GenerateConfig, device: torch.device, dist) -> CaptureResult:

@@ -43,6 +43,26 @@ def close_dist(dist: Dist) -> None:
         torch.distributed.destroy_process_group()
 
 
+def run_stage(stage, cfg):
+    """Run a teacher stage (capture, generate) in this process's place under torchrun, then leave the group.
+
+    `stage(cfg, device, dist)` gets the device (this rank's GPU under torchrun) and the Dist; `cfg` has `device`
+    and `quiet`.
+    """
+    from pipeline.teacher import quiet_libraries, resolve_device
+
+    if cfg.quiet:
+        quiet_libraries()
+    device = resolve_device(cfg.device)
+    dist = init_dist(device.type)
+    if device.type == "cuda" and dist.world > 1:
+        device = torch.device("cuda", dist.local_rank)
+    try:
+        return stage(cfg, device, dist)
+    finally:
+        close_dist(dist)
+
+
 def plan_units(num_rows: int, unit_rows: int) -> list[tuple[int, int, int]]:
     """(unit, start, end) ranges of `unit_rows` sequences: one shard each, and the window for length bucketing."""
     return [(u, s, min(s + unit_rows, num_rows)) for u, s in enumerate(range(0, num_rows, unit_rows))]

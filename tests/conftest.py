@@ -11,9 +11,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(__file__))
 
+from rowgen import random_rows  # noqa: E402
+
 from storage.format import CacheHeader  # noqa: E402
 from storage.writer import CacheWriter  # noqa: E402
-from rowgen import random_rows  # noqa: E402
 
 
 def assert_one_line_error(res, *fragments):

@@ -1,16 +1,15 @@
 """kdcache capture: parity with a live forward pass, sampling statistics, chunking, packing, chat, bad input."""
 
 import json
-import os
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import assert_one_line_error
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.capture import CaptureConfig, capture
-from conftest import assert_one_line_error
 from pipeline.cli import main
 from pipeline.runtime import plan_batches
 from storage.format import CacheMismatchError

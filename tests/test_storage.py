@@ -7,12 +7,12 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from click.testing import CliRunner
+from conftest import write_cache
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from conftest import write_cache
-from pipeline.cli import main
 from rowgen import random_rows
+
+from pipeline.cli import main
 from storage.format import CacheFormatError, CacheHeader, CacheLockedError, CacheMismatchError
 from storage.reader import CacheReader, ReadPosition, epoch_order, iter_batches, split_order
 from storage.verify import verify_cache

@@ -7,10 +7,10 @@ import shutil
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import assert_one_line_error
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GPT2Config
 
-from conftest import assert_one_line_error
 from pipeline.cli import main
 from pipeline.train import TrainConfig, train
 
