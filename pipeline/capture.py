@@ -35,6 +35,18 @@ from storage.writer import CacheWriter
 RESUME_MAY_DIFFER = ("batch_tokens", "device", "quiet", "overwrite", "num_proc", "output", "head_chunk_mb")
 
 
+def target_problems(mode: str, top_k: int, draws: int) -> list[str]:
+    """What is wrong with the settings of the stored distribution (shared by capture and generate)."""
+    problems = []
+    if mode not in ("topk", "sample"):
+        problems.append(f"--mode {mode!r} is not one of topk, sample")
+    if top_k < 1:
+        problems.append(f"--top-k {top_k} must be at least 1")
+    if not 1 <= draws <= MAX_DRAWS:
+        problems.append(f"--draws {draws} must be between 1 and {MAX_DRAWS}")
+    return problems
+
+
 @dataclass
 class CaptureConfig:
     """Settings of one capture; every field is a flag of `kdcache capture`."""
@@ -65,13 +77,7 @@ class CaptureConfig:
 
     def check(self) -> None:
         """Collect every problem with the settings and raise them together."""
-        problems = []
-        if self.mode not in ("topk", "sample"):
-            problems.append(f"--mode {self.mode!r} is not one of topk, sample")
-        if self.top_k < 1:
-            problems.append(f"--top-k {self.top_k} must be at least 1")
-        if not 1 <= self.draws <= MAX_DRAWS:
-            problems.append(f"--draws {self.draws} must be between 1 and {MAX_DRAWS}")
+        problems = target_problems(self.mode, self.top_k, self.draws)
         if self.max_length is not None and self.max_length < 2:
             problems.append(f"--max-length {self.max_length} must be at least 2")
         if self.batch_tokens < 1 or self.unit_rows < 1:

@@ -26,12 +26,13 @@ from pipeline.capture import (
     load_teacher,
     open_cache,
     sparse_targets,
+    target_problems,
     teacher_record,
 )
 from pipeline.data import CHUNK_BITS, load_source
 from pipeline.runtime import BackgroundWriter, Captured, plan_units, run_stage
 from pipeline.teacher import context_length, tokenizer_record
-from storage.format import MAX_DRAWS, CacheHeader
+from storage.format import CacheHeader
 from storage.rows import RowBatch
 
 
@@ -69,13 +70,7 @@ class GenerateConfig:
     num_proc: int | None = None
 
     def check(self) -> None:
-        problems = []
-        if self.mode not in ("topk", "sample"):
-            problems.append(f"--mode {self.mode!r} is not one of topk, sample")
-        if self.top_k < 1:
-            problems.append(f"--top-k {self.top_k} must be at least 1")
-        if not 1 <= self.draws <= MAX_DRAWS:
-            problems.append(f"--draws {self.draws} must be between 1 and {MAX_DRAWS}")
+        problems = target_problems(self.mode, self.top_k, self.draws)
         if self.max_new_tokens < 1:
             problems.append(f"--max-new-tokens {self.max_new_tokens} must be at least 1")
         if self.num_samples < 1 or self.batch_size < 1 or self.unit_rows < 1:
