@@ -1,6 +1,6 @@
 """Quality benchmark: how good a student each kind of cache makes, against CE alone and online dense KD.
 
-    python benchmarks/bench_quality.py [--quick] [--json PATH] [--seeds 0 1]
+    python benchmarks/bench_quality.py [--quick] [--json PATH] [--seeds 0 1 2] [--table PATH]
 
 The embedded default teacher and student (data/), the same training slice, steps and seeds for every method:
   ce                CE on the ground truth only
@@ -9,9 +9,10 @@ The embedded default teacher and student (data/), the same training slice, steps
   sampled50         random-sampling KD, N = 50 draws
   seqkd             sequence-level KD: CE on the teacher's own generations
   seqkd_sampled     the teacher's generations with sampled targets along them
-Reported per method (mean and spread over seeds): held-out perplexity, KL to the teacher on the held-out plays,
-expected calibration error of the top-1 prediction, cache bytes per token, step time, and the fraction of dense
-KD's gain over CE, (L_ce - L_x) / (L_ce - L_dense), and of the CE-to-teacher gap, (L_ce - L_x) / (L_ce - L_teacher).
+  seqkd_mix         those generations mixed 1:1 with the sampled50 cache (the demo's seqkd student)
+Reported per method over seeds: held-out perplexity (exp of the mean held-out loss, and min-max), KL to the
+teacher on the held-out plays, expected calibration error of the top-1 prediction, cache bytes per token, step time,
+and the fraction of dense KD's gain over CE, (L_ce - L_x) / (L_ce - L_dense), and of the CE-to-teacher gap, (L_ce - L_x) / (L_ce - L_teacher).
 Targets: sampled50 >= 95% of dense KD's gain; topk64_ghost >= 85%; the best student closes >= 40% of the gap.
 """
 
@@ -48,6 +49,7 @@ METHODS = {  # name -> (cache, train overrides)
     "sampled50": ("sampled50", {}),
     "seqkd": ("seqkd_topk", {"ce_weight": 1.0}),
     "seqkd_sampled": ("seqkd_sampled", {}),
+    "seqkd_mix": ("seqkd_sampled:1,sampled50:1", {}),
 }
 
 
@@ -114,7 +116,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--methods", nargs="+", default=list(METHODS))
     ap.add_argument("--teacher", default=None, help="default: the teacher shipped in data/")
+    ap.add_argument("--table", default=None, metavar="JSON", help="print the table of a saved --json run and exit")
     args = ap.parse_args()
+    if args.table:
+        results = json.load(open(args.table))
+        add_fractions(results)
+        print(format_table(results))
+        return
     quiet_libraries()
     torch.set_num_threads(min(os.cpu_count() or 1, 2))
     cfg = DemoConfig()
@@ -122,7 +130,7 @@ def main() -> None:
     if args.quick:
         cfg.paragraphs, cfg.prompts, cfg.steps = 1500, 64, 60
     cfg.steps = args.steps or cfg.steps
-    seeds = args.seeds or ([0] if args.quick else [0, 1])
+    seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     results: dict = {"steps": cfg.steps, "seeds": seeds, "methods": {}}
     with tempfile.TemporaryDirectory() as tmp:
         results["caches"] = build_caches(cfg, tmp)
@@ -138,7 +146,7 @@ def main() -> None:
                 kw = dict(ce_weight=cfg.kd_ce_weight, max_steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
                           warmup=20, seed=seed, save_steps=cfg.steps, logging_steps=cfg.steps, quiet=True,
                           overwrite=True)
-                tc = TrainConfig(caches=[os.path.join(tmp, cache)], output=out, student=cfg.student, **{**kw, **over})
+                tc = TrainConfig(caches=[os.path.join(tmp, c) for c in cache.split(",")], output=out, student=cfg.student, **{**kw, **over})
                 summary = train(tc, trainer_class=online_trainer(cfg.teacher) if online else None)
                 ev = evaluate(out, cfg.valid_dir, cache=os.path.join(tmp, "heldout"))
                 runs.append({"seed": seed, "perplexity": ev["perplexity"], "kl_to_teacher": ev["kl_to_teacher"],
@@ -146,35 +154,42 @@ def main() -> None:
                              "step_seconds": summary["final_metrics"]["train_seconds"] / max(cfg.steps, 1)})
             agg = {k: float(np.mean([r[k] for r in runs])) for k in ("perplexity", "kl_to_teacher", "ece", "step_seconds")}
             agg["perplexity_spread"] = float(np.ptp([r["perplexity"] for r in runs]))
-            agg["bytes_per_token"] = None if online else results["caches"][cache]["bytes_per_token"]
+            agg["bytes_per_token"] = None if online else results["caches"][cache.split(":")[0]]["bytes_per_token"]
             agg["runs"] = runs
             results["methods"][name] = agg
             print(f"{name:15s} ppl {agg['perplexity']:8.2f} (spread {agg['perplexity_spread']:.2f})  "
                   f"KL {agg['kl_to_teacher']:.4f}  ECE {agg['ece']:.4f}", flush=True)
-    m = results["methods"]
-    l_t = math.log(results["teacher"]["perplexity"])
-    if "ce" in m:
-        l_ce = math.log(m["ce"]["perplexity"])
-        for name, agg in m.items():
-            l_x = math.log(agg["perplexity"])
-            agg["gap_closed"] = (l_ce - l_x) / (l_ce - l_t) if l_ce > l_t else None
-            if "dense" in m:
-                l_d = math.log(m["dense"]["perplexity"])
-                agg["of_dense_gain"] = (l_ce - l_x) / (l_ce - l_d) if l_ce != l_d else None
+    add_fractions(results)
     print(format_table(results))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
 
 
+def add_fractions(results: dict) -> None:
+    """Per method: the fraction of dense KD's gain over CE and of the CE-to-teacher gap, from held-out losses
+    (L = mean over seeds of log perplexity): (L_ce - L_x) / (L_ce - L_dense) and (L_ce - L_x) / (L_ce - L_teacher)."""
+    m = results["methods"]
+    loss = {n: float(np.mean([math.log(r["perplexity"]) for r in a["runs"]])) for n, a in m.items()}
+    l_t = math.log(results["teacher"]["perplexity"])
+    for name, agg in m.items():
+        agg["loss"] = loss[name]
+        if "ce" in m:
+            agg["gap_closed"] = (loss["ce"] - loss[name]) / (loss["ce"] - l_t) if loss["ce"] > l_t else None
+        if "ce" in m and "dense" in m:
+            gain = loss["ce"] - loss["dense"]
+            agg["of_dense_gain"] = (loss["ce"] - loss[name]) / gain if gain != 0 else None
+
+
 def format_table(r: dict) -> str:
     lines = [f"teacher held-out perplexity {r['teacher']['perplexity']:.2f}; {r['steps']} steps; seeds {r['seeds']}", "",
-             "| method | held-out ppl (spread) | KL to teacher | ECE | bytes/token | s/step | of dense gain | gap closed |",
+             "| method | held-out ppl (min-max) | KL to teacher | ECE | bytes/token | s/step | of dense gain | gap closed |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, a in r["methods"].items():
         pct = lambda x: "-" if x is None else f"{x:.0%}"  # noqa: E731
         bpt = "-" if a["bytes_per_token"] is None else f"{a['bytes_per_token']:.0f}"
-        lines.append(f"| {name} | {a['perplexity']:.2f} ({a['perplexity_spread']:.2f}) | {a['kl_to_teacher']:.4f} | "
+        ppls = [x["perplexity"] for x in a["runs"]]
+        lines.append(f"| {name} | {math.exp(a['loss']):.1f} ({min(ppls):.0f}-{max(ppls):.0f}) | {a['kl_to_teacher']:.4f} | "
                      f"{a['ece']:.4f} | {bpt} | {a['step_seconds']:.3f} | {pct(a.get('of_dense_gain'))} | "
                      f"{pct(a.get('gap_closed'))} |")
     return "\n".join(lines)
