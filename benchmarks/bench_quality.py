@@ -33,9 +33,10 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from pipeline.capture import CaptureConfig, capture  # noqa: E402
-from pipeline.demo import DemoConfig, write_prompts  # noqa: E402
+from pipeline.demo import DemoConfig, cache_info, write_prompts  # noqa: E402
 from pipeline.evaluate import evaluate  # noqa: E402
 from pipeline.generate import GenerateConfig, generate  # noqa: E402
+from pipeline.losses import next_token_labels  # noqa: E402
 from pipeline.teacher import quiet_libraries  # noqa: E402
 from pipeline.train import KDTrainer, TrainConfig, train  # noqa: E402
 
@@ -69,15 +70,12 @@ def online_trainer(teacher_path: str):
             with torch.inference_mode():
                 t_logp = F.log_softmax(teacher.to(ids.device)(input_ids=ids, attention_mask=attn).logits[mask].float(), -1)
             s_logp = F.log_softmax(out.logits[mask].float(), -1)
-            labels = torch.cat([ids[:, 1:], ids[:, :1]], 1)[mask]
             n = mask.sum().clamp(min=1)
-            ce = -s_logp.gather(-1, labels[:, None]).sum() / n
+            ce = -s_logp.gather(-1, next_token_labels(ids, mask)[:, None]).sum() / n
             kd = F.kl_div(s_logp, t_logp.clone(), log_target=True, reduction="sum") / n
             w = self.kd["ce_weight"]
             loss = w * ce + (1 - w) * kd
-            self._sums["ce"] += float(ce.detach())
-            self._sums["kd"] += float(kd.detach())
-            self._sums["n"] += 1
+            self.record_parts(ce.detach(), kd.detach())
             return (loss, out) if return_outputs else loss
 
     return OnlineKDTrainer
@@ -85,27 +83,21 @@ def online_trainer(teacher_path: str):
 
 def build_caches(cfg: DemoConfig, root: str) -> dict[str, dict]:
     info = {}
-    slice_ = dict(data=cfg.train_dir, txt_sample_by="paragraph", limit=cfg.paragraphs, pack=True, quiet=True)
     for name, kw in (("topk64", {"top_k": 64}), ("topk12", {"top_k": 12}), ("sampled50", {"mode": "sample", "draws": 50})):
         t0 = time.time()
-        capture(CaptureConfig(teacher=cfg.teacher, output=os.path.join(root, name), overwrite=True, **slice_, **kw))
-        info[name] = _cache_info(os.path.join(root, name), time.time() - t0)
+        capture(CaptureConfig(teacher=cfg.teacher, output=os.path.join(root, name), overwrite=True, quiet=True,
+                              **cfg.train_slice(), **kw))
+        info[name] = cache_info(os.path.join(root, name), time.time() - t0)
     prompts = os.path.join(root, "prompts.jsonl")
     write_prompts(cfg, prompts)
     for name, kw in (("seqkd_topk", {"top_k": 64}), ("seqkd_sampled", {"mode": "sample", "draws": 50})):
         t0 = time.time()
         generate(GenerateConfig(teacher=cfg.teacher, prompts=prompts, output=os.path.join(root, name),
                                 max_new_tokens=cfg.new_tokens, seed=0, quiet=True, overwrite=True, **kw))
-        info[name] = _cache_info(os.path.join(root, name), time.time() - t0)
+        info[name] = cache_info(os.path.join(root, name), time.time() - t0)
     capture(CaptureConfig(teacher=cfg.teacher, data=cfg.valid_dir, output=os.path.join(root, "heldout"), top_k=64,
                           quiet=True, overwrite=True))
     return info
-
-
-def _cache_info(path: str, seconds: float) -> dict:
-    m = json.load(open(os.path.join(path, "manifest.json")))
-    return {"bytes_per_token": round(m["totals"]["bytes"] / m["totals"]["tokens"], 1), "tokens": m["totals"]["tokens"],
-            "seconds": round(seconds, 1)}
 
 
 def main() -> None:
@@ -120,6 +112,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.table:
         results = json.load(open(args.table))
+        results["methods"] = {n: aggregate(a) for n, a in results["methods"].items()}
         add_fractions(results)
         print(format_table(results))
         return
@@ -143,21 +136,17 @@ def main() -> None:
             runs = []
             for seed in seeds:
                 out = os.path.join(tmp, "runs", f"{name}-{seed}")
-                kw = dict(ce_weight=cfg.kd_ce_weight, max_steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
-                          warmup=20, seed=seed, save_steps=cfg.steps, logging_steps=cfg.steps, quiet=True,
-                          overwrite=True)
-                tc = TrainConfig(caches=[os.path.join(tmp, c) for c in cache.split(",")], output=out, student=cfg.student, **{**kw, **over})
+                kw = dict(cfg.recipe(seed), save_steps=cfg.steps, logging_steps=cfg.steps, quiet=True, overwrite=True)
+                tc = TrainConfig(caches=[os.path.join(tmp, c) for c in cache.split(",")], output=out, **{**kw, **over})
                 summary = train(tc, trainer_class=online_trainer(cfg.teacher) if online else None)
                 ev = evaluate(out, cfg.valid_dir, cache=os.path.join(tmp, "heldout"))
                 runs.append({"seed": seed, "perplexity": ev["perplexity"], "kl_to_teacher": ev["kl_to_teacher"],
                              "ece": ev["ece"],
                              "step_seconds": summary["final_metrics"]["train_seconds"] / max(cfg.steps, 1)})
-            agg = {k: float(np.mean([r[k] for r in runs])) for k in ("perplexity", "kl_to_teacher", "ece", "step_seconds")}
-            agg["perplexity_spread"] = float(np.ptp([r["perplexity"] for r in runs]))
-            agg["bytes_per_token"] = None if online else results["caches"][cache.split(":")[0]]["bytes_per_token"]
-            agg["runs"] = runs
+            bpt = None if online else results["caches"][cache.split(":")[0]]["bytes_per_token"]
+            agg = aggregate({"bytes_per_token": bpt, "runs": runs})
             results["methods"][name] = agg
-            print(f"{name:15s} ppl {agg['perplexity']:8.2f} (spread {agg['perplexity_spread']:.2f})  "
+            print(f"{name:15s} ppl {agg['perplexity']:8.2f} ({agg['perplexity_min']:.0f}-{agg['perplexity_max']:.0f})  "
                   f"KL {agg['kl_to_teacher']:.4f}  ECE {agg['ece']:.4f}", flush=True)
     add_fractions(results)
     print(format_table(results))
@@ -166,14 +155,24 @@ def main() -> None:
             json.dump(results, f, indent=2)
 
 
+def aggregate(method: dict) -> dict:
+    """A method's figures over its seeds' runs: held-out loss L = mean of log perplexity, perplexity = exp(L) with
+    min and max, and the means of KL, ECE and step time. Derived from `runs` only, so a saved JSON re-derives them."""
+    runs = method["runs"]
+    ppls = [r["perplexity"] for r in runs]
+    loss = float(np.mean(np.log(ppls)))
+    out = {"loss": loss, "perplexity": math.exp(loss), "perplexity_min": min(ppls), "perplexity_max": max(ppls)}
+    out.update({k: float(np.mean([r[k] for r in runs])) for k in ("kl_to_teacher", "ece", "step_seconds")})
+    return {**out, "bytes_per_token": method["bytes_per_token"], "runs": runs}
+
+
 def add_fractions(results: dict) -> None:
-    """Per method: the fraction of dense KD's gain over CE and of the CE-to-teacher gap, from held-out losses
-    (L = mean over seeds of log perplexity): (L_ce - L_x) / (L_ce - L_dense) and (L_ce - L_x) / (L_ce - L_teacher)."""
+    """Per method: the fraction of dense KD's gain over CE and of the CE-to-teacher gap, from held-out losses:
+    (L_ce - L_x) / (L_ce - L_dense) and (L_ce - L_x) / (L_ce - L_teacher)."""
     m = results["methods"]
-    loss = {n: float(np.mean([math.log(r["perplexity"]) for r in a["runs"]])) for n, a in m.items()}
+    loss = {n: a["loss"] for n, a in m.items()}
     l_t = math.log(results["teacher"]["perplexity"])
     for name, agg in m.items():
-        agg["loss"] = loss[name]
         if "ce" in m:
             agg["gap_closed"] = (loss["ce"] - loss[name]) / (loss["ce"] - l_t) if loss["ce"] > l_t else None
         if "ce" in m and "dense" in m:
@@ -188,8 +187,8 @@ def format_table(r: dict) -> str:
     for name, a in r["methods"].items():
         pct = lambda x: "-" if x is None else f"{x:.0%}"  # noqa: E731
         bpt = "-" if a["bytes_per_token"] is None else f"{a['bytes_per_token']:.0f}"
-        ppls = [x["perplexity"] for x in a["runs"]]
-        lines.append(f"| {name} | {math.exp(a['loss']):.1f} ({min(ppls):.0f}-{max(ppls):.0f}) | {a['kl_to_teacher']:.4f} | "
+        lines.append(f"| {name} | {a['perplexity']:.1f} ({a['perplexity_min']:.0f}-{a['perplexity_max']:.0f}) | "
+                     f"{a['kl_to_teacher']:.4f} | "
                      f"{a['ece']:.4f} | {bpt} | {a['step_seconds']:.3f} | {pct(a.get('of_dense_gain'))} | "
                      f"{pct(a.get('gap_closed'))} |")
     return "\n".join(lines)

@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from bench_storage import VOCAB, build_cache  # noqa: E402
 
-from pipeline.losses import distill_loss  # noqa: E402
+from pipeline.losses import distill_loss, next_token_labels  # noqa: E402
 from pipeline.train_data import CacheBatches  # noqa: E402
 from storage.format import CacheHeader  # noqa: E402
 
@@ -55,7 +55,7 @@ def step_time(student, opt, data: CacheBatches, steps: int, device, mode: str, t
                 t_logp = F.log_softmax(t_logits[mask].float(), -1)
             t_logp = t_logp.clone()
             s_all = logits[mask].float()
-            labels = torch.cat([batch["input_ids"][:, 1:], batch["input_ids"][:, :1]], 1)[mask].long()
+            labels = next_token_labels(batch["input_ids"], mask)
             ce = F.cross_entropy(s_all, labels)
             kd = F.kl_div(F.log_softmax(s_all, -1), t_logp, log_target=True, reduction="batchmean")
             loss = 0.5 * ce + 0.5 * kd

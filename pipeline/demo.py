@@ -37,9 +37,19 @@ class DemoConfig:
     batch_size: int = 8
     lr: float = 2e-3
     kd_ce_weight: float = 0.2  # the distilled students lean on the teacher
+    warmup: int = 20
     eval_steps: int = 50
     seed: int = 0
     quiet: bool = True
+
+    def train_slice(self) -> dict:
+        """CaptureConfig fields of the slice of the training plays that every teacher-forced cache covers."""
+        return dict(data=self.train_dir, txt_sample_by="paragraph", limit=self.paragraphs, pack=True)
+
+    def recipe(self, seed: int) -> dict:
+        """TrainConfig fields every student shares: KD weight, steps, batch, optimiser, seed."""
+        return dict(student=self.student, ce_weight=self.kd_ce_weight, max_steps=self.steps,
+                    batch_size=self.batch_size, lr=self.lr, warmup=self.warmup, seed=seed)
 
 
 STUDENTS = {  # name -> (caches, loss overrides)
@@ -92,28 +102,26 @@ def demo(cfg: DemoConfig) -> dict:
         t0 = time.time()
         capture(CaptureConfig(teacher=cfg.teacher, output=os.path.join(out, "caches", name), quiet=cfg.quiet,
                               overwrite=True, seed=cfg.seed, **kw))
-        _record_cache(caches, name, os.path.join(out, "caches", name), time.time() - t0)
+        caches[name] = cache_info(os.path.join(out, "caches", name), time.time() - t0)
 
-    train_slice = dict(data=cfg.train_dir, txt_sample_by="paragraph", limit=cfg.paragraphs, pack=True)
-    timed_capture("topk", top_k=cfg.top_k, **train_slice)
-    timed_capture("sampled", mode="sample", draws=cfg.draws, **train_slice)
+    timed_capture("topk", top_k=cfg.top_k, **cfg.train_slice())
+    timed_capture("sampled", mode="sample", draws=cfg.draws, **cfg.train_slice())
     prompts = os.path.join(out, "prompts.jsonl")
     write_prompts(cfg, prompts)
     t0 = time.time()
     generate(GenerateConfig(teacher=cfg.teacher, prompts=prompts, output=os.path.join(out, "caches", "seqkd"),
                             max_new_tokens=cfg.new_tokens, mode="sample", draws=cfg.draws, seed=cfg.seed,
                             quiet=cfg.quiet, overwrite=True))
-    _record_cache(caches, "seqkd", os.path.join(out, "caches", "seqkd"), time.time() - t0)
+    caches["seqkd"] = cache_info(os.path.join(out, "caches", "seqkd"), time.time() - t0)
     timed_capture("heldout", data=cfg.valid_dir, top_k=cfg.top_k)  # for the students' KL to the teacher
 
     # ---- 2. many students from the caches, same steps and seed ---------------------------------------------
     runs = {}
     for name, (names, overrides) in STUDENTS.items():
         run_dir = os.path.join(out, "students", name)
-        kw = dict(caches=[os.path.join(out, "caches", c) for c in names], output=run_dir, student=cfg.student,
-                  ce_weight=cfg.kd_ce_weight, max_steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
-                  warmup=20, seed=cfg.seed, eval_data=cfg.valid_dir, eval_steps=cfg.eval_steps, max_eval_rows=64,
-                  save_steps=cfg.steps, logging_steps=cfg.eval_steps, quiet=cfg.quiet, overwrite=True)
+        kw = dict(caches=[os.path.join(out, "caches", c) for c in names], output=run_dir, **cfg.recipe(cfg.seed),
+                  eval_data=cfg.valid_dir, eval_steps=cfg.eval_steps, max_eval_rows=64, save_steps=cfg.steps,
+                  logging_steps=cfg.eval_steps, quiet=cfg.quiet, overwrite=True)
         kw.update(overrides)
         train(TrainConfig(**kw))
         runs[name] = run_dir
@@ -149,11 +157,12 @@ def demo(cfg: DemoConfig) -> dict:
     return report
 
 
-def _record_cache(caches: dict, name: str, path: str, seconds: float) -> None:
+def cache_info(path: str, seconds: float) -> dict:
+    """Bytes per token and tokens of a finished cache (from its manifest), and the seconds it took."""
     manifest = json.load(open(os.path.join(path, "manifest.json")))
     tokens = manifest["totals"]["tokens"]
-    caches[name] = {"bytes_per_token": round(manifest["totals"]["bytes"] / tokens, 2), "tokens": tokens,
-                    "seconds": round(seconds, 2)}
+    return {"bytes_per_token": round(manifest["totals"]["bytes"] / tokens, 2), "tokens": tokens,
+            "seconds": round(seconds, 2)}
 
 
 def _samples(cfg: DemoConfig, models: dict[str, str]) -> dict:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.collate import to_tensors
-from pipeline.losses import bucket_logprobs, divergence, topk_target
+from pipeline.losses import bucket_logprobs, divergence, next_token_labels, topk_target
 from pipeline.teacher import context_length, load_model, load_tokenizer, resolve_device, resolve_dtype
 from pipeline.train import check_vocab, eval_dataset
 from storage.reader import CacheReader
@@ -23,7 +23,7 @@ def _token_ce(logits: torch.Tensor, batch: dict, bins: np.ndarray | None = None)
     bins: optional (3, ECE_BINS) accumulator of [count, confidence sum, correct sum] of the top-1 prediction.
     """
     mask = batch["target_mask"].bool()
-    labels = torch.cat([batch["input_ids"][:, 1:], batch["input_ids"][:, :1]], dim=1)[mask].long()
+    labels = next_token_labels(batch["input_ids"], mask)
     logits = logits[mask].float()
     if bins is not None and len(labels):
         conf, pred = torch.softmax(logits, -1).max(-1)

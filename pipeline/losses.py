@@ -37,6 +37,14 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
+def next_token_labels(input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(N,) int64 ground-truth next tokens at the target positions: position t predicts token t+1.
+
+    input_ids: (B, L); mask: (B, L) bool, never True at the last position (which has no next token).
+    """
+    return torch.cat([input_ids[:, 1:], input_ids[:, :1]], dim=1)[mask].long()
+
+
 def bucket_logprobs(student_logp: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Student log-probs on the buckets: gathered ids, then the ghost bucket (everything else).
 
@@ -163,8 +171,7 @@ def distill_loss(
     n_tok = mask.sum()
     denom = n_tok.clamp(min=1).float()
     logits = _wide(student_logits[mask])  # (N, V): target positions only
-    labels = batch["input_ids"][:, 1:]
-    labels = torch.cat([labels, labels[:, :1]], dim=1)[mask].long()  # (N,) token t+1
+    labels = next_token_labels(batch["input_ids"], mask)  # (N,)
     has_teacher = "topk_ids" in batch or "sample_ids" in batch
     if ce_weight >= 1.0 or not has_teacher:
         ce = F.cross_entropy(logits, labels, reduction="sum") / denom if logits.numel() else logits.sum()

@@ -198,10 +198,14 @@ class KDTrainer(Trainer):
         out = model(input_ids=inputs["input_ids"].long(), attention_mask=inputs["attention_mask"].long())
         loss, parts = distill_loss(out.logits, inputs, **self.kd)
         if model.training:
-            self._sums["ce"] += float(parts["ce"])
-            self._sums["kd"] += float(parts["kd"])
-            self._sums["n"] += 1
+            self.record_parts(parts["ce"], parts["kd"])
         return (loss, out) if return_outputs else loss
+
+    def record_parts(self, ce: torch.Tensor, kd: torch.Tensor) -> None:
+        """Accumulate a training step's CE and KD terms; `log` reports their mean since the last log."""
+        self._sums["ce"] += float(ce)
+        self._sums["kd"] += float(kd)
+        self._sums["n"] += 1
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs and self._sums["n"]:
