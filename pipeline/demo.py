@@ -42,6 +42,17 @@ class DemoConfig:
     seed: int = 0
     quiet: bool = True
 
+    def check(self) -> None:
+        """Refuse bad settings before minutes of capture: every problem at once, each with its fix."""
+        problems = [f"--steps {self.steps} must be at least 1"] if self.steps < 1 else []
+        for name in ("paragraphs", "prompts", "new_tokens", "batch_size", "eval_steps"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} {getattr(self, name)} must be at least 1")
+        if os.path.exists(self.output) and not os.path.isdir(self.output):
+            problems.append(f"-o {self.output} is a file, not a directory; give a directory for the run")
+        if problems:
+            raise ValueError("; ".join(problems))
+
     def train_slice(self) -> dict:
         """CaptureConfig fields of the slice of the training plays that every teacher-forced cache covers."""
         return dict(data=self.train_dir, txt_sample_by="paragraph", limit=self.paragraphs, pack=True)
@@ -89,6 +100,7 @@ def demo(cfg: DemoConfig) -> dict:
     from pipeline.generate import GenerateConfig, generate
     from pipeline.train import TrainConfig, train
 
+    cfg.check()
     for path in (cfg.teacher, cfg.student, cfg.train_dir, cfg.valid_dir):
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path} is missing: the demo runs from a kdcache checkout with its data/ folder")

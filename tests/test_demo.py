@@ -5,8 +5,11 @@ import math
 import os
 
 import pytest
+from click.testing import CliRunner
+from conftest import assert_one_line_error
 from transformers import AutoModelForCausalLM
 
+from pipeline.cli import main
 from pipeline.demo import DATA, DemoConfig, demo
 
 
@@ -40,3 +43,18 @@ def test_shipped_teacher_is_small_and_recorded():
 def test_demo_refuses_a_missing_teacher(tmp_path):
     with pytest.raises(FileNotFoundError, match="the demo runs from a kdcache checkout"):
         demo(DemoConfig(output=str(tmp_path / "r"), teacher=str(tmp_path / "nope")))
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--steps", "0"], ["--steps 0 must be at least 1"]),
+    (["-o", "{file}"], ["is a file, not a directory", "give a directory"]),
+])
+def test_demo_cli_refuses_bad_settings_at_once(tmp_path, args, fragments):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me")
+    args = [a.format(file=a_file) for a in args]
+    if "-o" not in args:
+        args += ["-o", str(tmp_path / "run")]
+    res = CliRunner().invoke(main, ["demo", *args])
+    assert_one_line_error(res, *fragments)
+    assert a_file.read_text() == "keep me" and not (tmp_path / "run").exists()  # refused before any work
